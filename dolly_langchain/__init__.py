@@ -1,0 +1,44 @@
+"""dolly-langchain: Databricks' Dolly recipe on transformers 5 and LangChain 1.x.
+
+- :mod:`dolly_langchain.prompts`: Dolly's prompt format (one source of truth) and LangChain prompt templates.
+- :mod:`dolly_langchain.pipeline`: ``InstructionTextGenerationPipeline``, a drop-in for Dolly's hub pipeline.
+- :mod:`dolly_langchain.llm`: ``DollyLLM``, the LangChain LLM.
+- :mod:`dolly_langchain.chains`: LCEL chains for an instruction and an instruction with context.
+- :mod:`dolly_langchain.models`: loading hub/local models and the embedded SmolLM2-135M-Instruct.
+- :mod:`dolly_langchain.cli`: the ``dolly`` command.
+
+Heavy modules (torch, transformers) load on first use of the names below, so ``import dolly_langchain`` is cheap.
+"""
+
+from dolly_langchain.prompts import (
+    INSTRUCTION_PROMPT,
+    INSTRUCTION_WITH_CONTEXT_PROMPT,
+    format_prompt,
+    format_training_text,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "DollyLLM": "dolly_langchain.llm",
+    "InstructionTextGenerationPipeline": "dolly_langchain.pipeline",
+    "instruction_chain": "dolly_langchain.chains",
+    "instruction_with_context_chain": "dolly_langchain.chains",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dolly_langchain' has no attribute {name!r}")
+
+
+__all__ = [
+    "INSTRUCTION_PROMPT",
+    "INSTRUCTION_WITH_CONTEXT_PROMPT",
+    "format_prompt",
+    "format_training_text",
+    *_LAZY,
+]

@@ -1,0 +1,147 @@
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from pydantic import ValidationError
+
+from conftest import MEMORIZED
+from dolly_langchain.llm import DollyLLM, StreamingResponse
+
+FRANCE, COLOR, SUMMARY = MEMORIZED
+CONTEXT_PROMPT = f"{SUMMARY[0]}\n\nInput:\n{SUMMARY[1]}"
+
+
+@pytest.fixture(scope="module")
+def llm(memorized_neox_dir):
+    return DollyLLM.from_model_id(str(memorized_neox_dir), do_sample=False, max_new_tokens=40, batch_size=4)
+
+
+def test_invoke_returns_only_the_response(llm):
+    assert llm.invoke(FRANCE[0]) == FRANCE[2]
+    assert llm.invoke(CONTEXT_PROMPT) == SUMMARY[2]
+
+
+def test_stop_is_honoured_in_invoke_batch_and_stream(llm):
+    assert llm.invoke(FRANCE[0], stop=[" capital"]) == "Paris is the"
+    assert llm.batch([FRANCE[0], COLOR[0]], stop=[" primary", " capital"]) == ["Paris is the", "Blue is a"]
+    assert "".join(llm.stream(FRANCE[0], stop=[" capital"])) == "Paris is the"
+
+
+def test_batch_equals_invoke_and_really_batches(llm, monkeypatch):
+    prompts = [FRANCE[0], CONTEXT_PROMPT, COLOR[0], "Name the capital", "What is", "Summarize"]
+    singles = [llm.invoke(p) for p in prompts]
+    calls = []
+    generate = llm.pipeline.model.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(llm.pipeline.model, "generate", counting_generate)
+    assert llm.batch(prompts) == singles
+    assert sorted(calls) == [2, 4]  # batch_size=4: one generate call for 4 prompts, one for the other 2
+
+
+def test_stream_chunks_join_to_invoke_and_fire_callbacks(llm):
+    tokens = []
+
+    class Collect(BaseCallbackHandler):
+        def on_llm_new_token(self, token, **kwargs):
+            tokens.append(token)
+
+    chunks = list(llm.stream(CONTEXT_PROMPT, config={"callbacks": [Collect()]}))
+    assert len(chunks) > 1
+    assert "".join(chunks) == llm.invoke(CONTEXT_PROMPT) == SUMMARY[2]
+    assert tokens == chunks
+
+
+def test_astream_and_ainvoke(llm):
+    async def run():
+        return [c async for c in llm.astream(FRANCE[0])], await llm.ainvoke(COLOR[0])
+
+    chunks, answer = asyncio.run(run())
+    assert "".join(chunks) == FRANCE[2] and answer == COLOR[2]
+
+
+def test_stream_reraises_errors_from_the_generation_thread(llm, monkeypatch):
+    def broken_generate(*args, streamer=None, **kwargs):
+        streamer.put(kwargs["input_ids"])  # the prompt, skipped by the streamer
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(llm.pipeline.model, "generate", broken_generate)
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(llm.stream(FRANCE[0]))
+
+
+def test_threads_get_the_same_results_as_sequential_calls(llm):
+    prompts = [FRANCE[0], COLOR[0], CONTEXT_PROMPT] * 3
+    sequential = [llm.invoke(p) for p in prompts]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(llm.invoke, prompts))
+    assert parallel == sequential
+    results = {}
+
+    def streamer(i):
+        results[i] = "".join(llm.stream(prompts[i]))
+
+    threads = [threading.Thread(target=streamer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(3)] == sequential[:3]
+
+
+def test_bad_input_is_refused(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.invoke("")
+    with pytest.raises(ValueError, match="empty"):
+        llm.invoke("  \n ")
+    with pytest.raises(TypeError, match="unknown keyword"):
+        llm.invoke(FRANCE[0], max_tokens=5)
+    with pytest.raises(ValidationError):
+        DollyLLM(pipeline=llm.pipeline, max_tokens=5)
+    with pytest.raises(ValidationError, match="InstructionTextGenerationPipeline"):
+        DollyLLM()
+    with pytest.raises(TypeError, match="unknown options"):
+        DollyLLM.from_model_id("unused", max_tokens=5)
+
+
+def test_per_call_options_override_fields(llm):
+    short = llm.invoke(FRANCE[0], max_new_tokens=2)
+    assert short and FRANCE[2].startswith(short) and len(short) < len(FRANCE[2])
+
+
+def test_identifying_and_tracing_params(llm, memorized_neox_dir):
+    params = llm._identifying_params
+    assert params["model_id"] == str(memorized_neox_dir) and params["prompt_format"] == "dolly"
+    assert params["max_new_tokens"] == 40 and params["do_sample"] is False
+    ls = llm._get_ls_params(stop=["x"])
+    assert ls["ls_model_name"] == str(memorized_neox_dir) and ls["ls_prompt_format"] == "dolly"
+    assert ls["ls_stop"] == ["x"] and ls["ls_model_type"] == "llm" and ls["ls_max_tokens"] == 40
+    assert llm.pipeline.model is not None and llm.pipeline.tokenizer is not None
+
+
+def test_bring_your_own_pipeline(llm):
+    other = DollyLLM(pipeline=llm.pipeline, do_sample=False, max_new_tokens=40)
+    assert other.invoke(COLOR[0]) == COLOR[2]
+
+
+@pytest.mark.parametrize(
+    "pieces, stops",
+    [
+        (["  Hel", "lo wor", "ld  ", "\n"], []),
+        (["Paris is", " the capi", "tal of"], [" capital"]),
+        (["a ##", "# E", "nd b"], ["### End"]),
+        (["a ##", "x ### Enough"], ["### End"]),
+        (["\n", " ", "x", " ", " y"], ["zz"]),
+    ],
+)
+def test_streaming_response_joins_to_cut_and_stripped_text(pieces, stops):
+    from dolly_langchain.pipeline import cut_at_stop
+
+    buffer = StreamingResponse(stops)
+    out = [buffer.feed(p) for p in pieces] + [buffer.finish()]
+    assert "".join(out) == cut_at_stop("".join(pieces).lstrip(), stops).strip()
