@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="databricks-dolly-15k.jsonl (default: $DOLLY_15K_PATH)")
     parser.add_argument("--model", default=None, help="hub id or directory (default: the embedded SmolLM2)")
     parser.add_argument("--num-prompts", type=int, default=48, help="instructions sampled from the data (32-64)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-context-chars", type=int, default=1000,
                         help="skip records whose context is longer, so prompts stay chat-sized")

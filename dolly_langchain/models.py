@@ -103,6 +103,9 @@ def resolve_model_path(model_id: str | None) -> str:
         return str(embedded_model_path())
     path = Path(model_id).expanduser()
     if path.exists():
+        # A dolly-finetune run directory keeps its finished model in model/ beside the checkpoints.
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            return str(path / "model")
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{model_id} is a local path but holds no model (no config.json in it)")
         return str(path)

@@ -176,6 +176,17 @@ def dolly_15k_path() -> Path:
     return Path(path)
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_zero3():
+    """Building ZeRO-3 TrainingArguments in-process leaves transformers' global ZeRO-3 config alive, and every later
+    from_pretrained would then try to start DeepSpeed (and MPI); clear it around each test."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    yield
+    unset_hf_deepspeed_config()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(str(item.fspath)).parts

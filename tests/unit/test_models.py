@@ -40,3 +40,11 @@ def test_load_passes_transformers_5_kwargs(tiny_neox_dir):
     model, tokenizer = models.load_model_and_tokenizer(str(tiny_neox_dir), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and not model.training
     assert len(tokenizer) == model.get_input_embeddings().weight.shape[0]
+
+
+def test_finetune_run_directory_resolves_to_its_final_model(tmp_path, tiny_neox_dir):
+    import shutil
+
+    shutil.copytree(tiny_neox_dir, tmp_path / "model")
+    (tmp_path / "checkpoint-8").mkdir()
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path / "model")

@@ -1,0 +1,426 @@
+"""dolly-finetune plan: will this model fit this hardware, and how many steps is an epoch? Answered before launching.
+
+Launch commands::
+
+    dolly-finetune plan --preset dolly-v2-12b-a100 --num-gpus 8            # pythia-12b on 8x A100 40GB
+    dolly-finetune plan --preset dolly-v2-7b-a10 --num-gpus 4              # pythia-6.9b on 4x A10 24GB
+    dolly-finetune plan --input-model EleutherAI/pythia-12b --deepspeed a10_config.json --num-gpus 4
+    dolly-finetune plan --preset dolly-v2-12b-a100 --num-gpus 8 --num-nodes 2 --json
+    dolly-finetune plan --input-model path/to/model_dir --deepspeed my_config.json --num-gpus 2 --gpu-memory-gb 80
+
+``plan`` takes the same flags as a training run (``--preset``, ``--input-model``, ``--deepspeed``,
+``--per-device-train-batch-size``, ``--max-length``, ``--packing``, ``--epochs``, ``--test-size``,
+``--training-dataset`` ...; ``--local-output-dir`` is not needed) and reads them with the training CLI's own parser,
+so the plan is for exactly the run those flags would launch. The hardware comes from ``--num-gpus`` /
+``--num-nodes`` and, for the GPU and host memory, from the shipped config's assumed hardware
+(:data:`finetune.presets.HARDWARE`) or ``--gpu-memory-gb`` / ``--host-memory-gb``.
+
+What it prints, and how each number is made (no weights are loaded, no data is tokenized):
+
+- Parameters: the model is built from its config on PyTorch's ``meta`` device (shapes, no storage). The configs of
+  the presets' base models (Pythia 2.8b/6.9b/12b, GPT-J 6B) ship in :data:`KNOWN_CONFIGS` because they cannot be
+  downloaded offline; other models are read from a local directory, a ``config.json`` file or the hub.
+- Model states per GPU and on the host: DeepSpeed's own ZeRO estimators
+  (``estimate_zero3_model_states_mem_needs`` / ``estimate_zero2_model_states_mem_needs``) with the offload settings of
+  the DeepSpeed config and ``zero_init`` on (the HF Trainer loads ZeRO-3 models sharded). They count 16-bit params
+  and grads plus fp32 master weights and Adam states, and assume mixed precision.
+- Activations per GPU (our estimate, not DeepSpeed's) for one micro-batch of full ``--max-length`` rows, the worst
+  case (a batch holding one long record is padded to its length; a packed row is always full):
+  with gradient checkpointing, each layer's input is kept (``L*b*s*h`` values) plus one layer being recomputed
+  (``b*s*(9h + 2*ffn)``); without it, all ``L`` layers; plus the logits (``b*s*vocab`` in the model dtype, an fp32
+  copy for the loss and its fp32 log-softmax: ``+8`` bytes each). Attention scores are not stored (SDPA / flash).
+- A flat :data:`CUDA_OVERHEAD_GB` for the CUDA context, NCCL buffers and allocator fragmentation.
+- Fits: total <= 90% of the GPU memory; tight: <= 100%; otherwise it does not fit, and the plan names the largest
+  per-device batch that would fit.
+- Steps per epoch: as the HF Trainer counts them: the training records (data set size minus ``--test-size``) make
+  ``ceil(n / batch)`` batches, dealt out to the GPUs (``ceil(batches / gpus)``); there is no gradient accumulation
+  (``dolly-finetune`` has none). With ``--packing`` a batch is ``--max-length``-token rows of packed records, so the
+  count needs the mean record length (:data:`MEAN_RECORD_TOKENS` or ``--mean-record-tokens``) and is approximate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+GIB = 2**30
+CUDA_OVERHEAD_GB = 1.0  # CUDA context (~0.5 GiB), NCCL buffers and fragmentation: measured GPUs never give all
+FITS_FRACTION = 0.9  # leave 10% for allocator fragmentation and spikes the estimate does not see
+
+#: Configs of the presets' base models, so that ``plan`` works offline. Values from each model's config.json on the
+#: Hugging Face hub; only what sets the parameter count and activation sizes.
+KNOWN_CONFIGS: dict[str, dict] = {
+    "EleutherAI/pythia-2.8b": {
+        "model_type": "gpt_neox", "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "intermediate_size": 10240, "vocab_size": 50304, "max_position_embeddings": 2048, "rotary_pct": 0.25,
+        "use_parallel_residual": True, "tie_word_embeddings": False,
+    },
+    "EleutherAI/pythia-6.9b": {
+        "model_type": "gpt_neox", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "intermediate_size": 16384, "vocab_size": 50432, "max_position_embeddings": 2048, "rotary_pct": 0.25,
+        "use_parallel_residual": True, "tie_word_embeddings": False,
+    },
+    "EleutherAI/pythia-12b": {
+        "model_type": "gpt_neox", "hidden_size": 5120, "num_hidden_layers": 36, "num_attention_heads": 40,
+        "intermediate_size": 20480, "vocab_size": 50688, "max_position_embeddings": 2048, "rotary_pct": 0.25,
+        "use_parallel_residual": True, "tie_word_embeddings": False,
+    },
+    "EleutherAI/gpt-j-6B": {
+        "model_type": "gptj", "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64, "n_inner": None,
+        "vocab_size": 50400, "n_positions": 2048, "tie_word_embeddings": False,
+    },
+}
+
+#: Mean tokens per record (Dolly's format, special tokens included), for step counts with --packing. Measured on
+#: databricks-dolly-15k with SmolLM2's tokenizer (records <= 2048 tokens; median 130, p90 419); GPT-NeoX's
+#: tokenizer is a similar byte-level BPE of about the same vocabulary size.
+MEAN_RECORD_TOKENS: dict[str, int] = {"databricks/databricks-dolly-15k": 200}
+
+
+class PlanError(ValueError):
+    """A flag or file the plan cannot use; the message names it and the fix."""
+
+
+# --- Command line -----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dolly-finetune plan ...``: print the plan (a table, or JSON with ``--json``); 2 on a usage error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+        # DeepSpeed logs to stdout on import ("Setting accelerator to CPU"); keep stdout for the plan (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            plan = make_plan(args)
+    except PlanError as err:
+        print(f"dolly-finetune plan: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Plan flags first; everything else is read by ``dolly-finetune``'s own parser (presets included)."""
+    from finetune.train import FinetuneError
+    from finetune.train import parse_args as parse_train_args
+
+    parser = argparse.ArgumentParser(
+        prog="dolly-finetune plan",
+        description="Estimate memory per GPU and on the host, and steps per epoch, for a dolly-finetune run. "
+        "Takes any dolly-finetune training flag as well (--preset, --input-model, --deepspeed, "
+        "--per-device-train-batch-size, --max-length, --packing, --epochs, --test-size, --training-dataset ...).",
+    )
+    add = parser.add_argument
+    add("--num-gpus", type=int, required=True, help="GPUs per node (processes per node for cpu_config.json).")
+    add("--num-nodes", type=int, default=1, help="Nodes (hosts in the DeepSpeed hostfile).")
+    add("--gpu-memory-gb", type=float, help="Memory of one GPU in GiB. Default: the shipped config's GPU.")
+    add("--host-memory-gb", type=float, help="RAM of one node in GiB. Default: the shipped config's instance.")
+    add("--dataset-size", type=int, help="Records in the training data set. Default: known for the hub ids "
+        "databricks/databricks-dolly-15k (15011) and tatsu-lab/alpaca (52002); counted for a local file.")
+    add("--mean-record-tokens", type=float, help="Mean tokens per record, for step counts with --packing. "
+        "Default: measured for databricks-dolly-15k (200).")
+    add("--json", action="store_true", help="Print the plan as JSON.")
+    args, train_argv = parser.parse_known_args(argv)
+    if args.num_gpus < 1 or args.num_nodes < 1:
+        raise PlanError(f"--num-gpus {args.num_gpus} --num-nodes {args.num_nodes}: both must be at least 1.")
+    if "--local-output-dir" not in train_argv:
+        train_argv += ["--local-output-dir", "unused-by-plan"]
+    try:
+        train = parse_train_args(train_argv)
+    except FinetuneError as err:
+        raise PlanError(str(err)) from None
+    if not train.deepspeed:
+        raise PlanError("no DeepSpeed config: pass --deepspeed CFG (e.g. a100_config.json) or --preset NAME.")
+    for name in ("input_model", "deepspeed", "training_dataset", "max_records", "test_size", "max_length",
+                 "packing", "epochs", "per_device_train_batch_size", "gradient_checkpointing", "bf16"):
+        setattr(args, name, getattr(train, name))
+    return args
+
+
+# --- The plan ---------------------------------------------------------------------------------------------------
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    """All the numbers, as a JSON-ready dict (sizes in GiB)."""
+    from finetune.train import model_max_length
+
+    config, config_source = load_model_config(args.input_model)
+    total_params, largest_layer = count_parameters(config)
+    ds_config = json.loads(Path(args.deepspeed).read_text(encoding="utf-8"))
+    hardware = _hardware(args)
+    max_length = args.max_length or model_max_length(config)
+    states_gpu, states_host, zero = model_states_memory(
+        total_params, largest_layer, ds_config, args.num_gpus, args.num_nodes
+    )
+    act_bytes = _dtype_bytes(ds_config, args.bf16)
+    per_sample = activation_memory(config, 1, max_length, act_bytes, args.gradient_checkpointing)
+    batch = args.per_device_train_batch_size
+    overhead = 0 if hardware["on_cpu"] else CUDA_OVERHEAD_GB * GIB
+    gpu_total = states_gpu + batch * per_sample + overhead
+    return {
+        "model": {
+            "input_model": args.input_model,
+            "config_source": config_source,
+            "parameters": total_params,
+            "largest_layer_parameters": largest_layer,
+            "hidden_size": config.hidden_size,
+            "num_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size,
+        },
+        "hardware": {
+            "deepspeed_config": str(args.deepspeed),
+            "zero": zero,
+            "num_gpus_per_node": args.num_gpus,
+            "num_nodes": args.num_nodes,
+            **hardware,
+        },
+        "memory_per_gpu_gb": {
+            "model_states": states_gpu / GIB,
+            "activations": batch * per_sample / GIB,
+            "cuda_overhead": overhead / GIB,
+            "total": gpu_total / GIB,
+            "activations_assume": f"batch {batch} x {max_length} tokens, {8 * act_bytes}-bit, gradient "
+            f"checkpointing {'on' if args.gradient_checkpointing else 'off'}",
+            **gpu_verdict(gpu_total, states_gpu, per_sample, hardware),
+        },
+        "memory_per_node_host_gb": host_memory(states_host, gpu_total, args.num_gpus, hardware),
+        "steps": steps_plan(args, max_length),
+    }
+
+
+def load_model_config(input_model: str):
+    """Return ``(config, where it came from)`` for a shipped config, a local dir / config.json, or a hub id."""
+    from transformers import AutoConfig
+
+    known = {name.lower(): name for name in KNOWN_CONFIGS}
+    if input_model.lower() in known:
+        fields = dict(KNOWN_CONFIGS[known[input_model.lower()]])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields), "shipped with finetune.plan"
+    path = Path(input_model).expanduser()
+    if path.is_file():
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+            return AutoConfig.for_model(fields.pop("model_type"), **fields), str(path)
+        except (json.JSONDecodeError, KeyError, ValueError) as err:
+            raise PlanError(f"--input-model {input_model}: not a transformers config.json ({err}).") from None
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise PlanError(f"--input-model {input_model}: the directory has no config.json.")
+    if not path.exists() and (input_model.startswith((".", "/", "~")) or input_model.count("/") > 1):
+        raise PlanError(f"--input-model {input_model}: no such directory or config.json file.")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.is_dir() else input_model), str(path) if path.is_dir() \
+            else "Hugging Face hub"
+    except (OSError, ValueError) as err:
+        raise PlanError(
+            f"--input-model {input_model}: cannot read its config ({str(err).splitlines()[0]}). Pass a local model "
+            f"directory or its config.json, or one of the shipped configs: {', '.join(KNOWN_CONFIGS)}."
+        ) from None
+
+
+def count_parameters(config) -> tuple[int, int]:
+    """``(total parameters, parameters of the largest module)`` of the model built on the meta device.
+
+    Tied weights are one parameter object and count once (DeepSpeed's ``model_to_params`` dedups by storage
+    pointer, which meta tensors do not have, so we dedup by identity).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    return total, largest
+
+
+def model_states_memory(total_params: int, largest_layer: int, ds_config: dict, gpus: int, nodes: int):
+    """DeepSpeed's ZeRO estimate: ``(bytes per GPU, bytes of host RAM per node, description)``."""
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    offload_params = zero.get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total_params, largest_layer, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_params, zero_init=True,
+        )
+    elif stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        host, gpu = estimate_zero2_model_states_mem_needs(
+            total_params, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload_optimizer
+        )
+    else:
+        raise PlanError(
+            f"--deepspeed: ZeRO stage {stage}: plan estimates ZeRO stages 1-3 (set zero_optimization.stage)."
+        )
+    offloaded = [name for name, on in (("optimizer", offload_optimizer), ("params", offload_params)) if on]
+    description = f"ZeRO-{stage}, offload: {', '.join(offloaded) or 'none'}"
+    return gpu, host, description
+
+
+def activation_memory(config, batch: int, seq_len: int, dtype_bytes: int, gradient_checkpointing: bool) -> int:
+    """Bytes of activations for one training step of ``batch`` rows of ``seq_len`` tokens (see module doc)."""
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    tokens = batch * seq_len
+    one_layer = tokens * (9 * hidden + 2 * ffn) * dtype_bytes
+    kept = layers * tokens * hidden * dtype_bytes + one_layer if gradient_checkpointing else layers * one_layer
+    logits = tokens * vocab * (dtype_bytes + 8)
+    return kept + logits
+
+
+def _dtype_bytes(ds_config: dict, bf16_flag: bool | None) -> int:
+    """2 when the config (or, for "auto", the --bf16 flag) trains in 16-bit, else 4."""
+    for key, flag in (("bf16", bf16_flag), ("fp16", False)):
+        enabled = ds_config.get(key, {}).get("enabled", False)
+        if enabled is True or (enabled == "auto" and flag):
+            return 2
+    return 4
+
+
+def _hardware(args: argparse.Namespace) -> dict:
+    """The GPU and host the config assumes (finetune.presets.HARDWARE), overridden by the memory flags."""
+    from finetune.presets import HARDWARE
+
+    assumed = HARDWARE.get(Path(args.deepspeed).name, {})
+    on_cpu = "gpu" in assumed and assumed["gpu"] is None and args.gpu_memory_gb is None
+    gpu_memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else assumed.get("gpu_memory_gb")
+    host_memory = args.host_memory_gb if args.host_memory_gb is not None else assumed.get("host_memory_gb")
+    return {
+        "on_cpu": on_cpu,
+        "gpu": f"{args.gpu_memory_gb:g} GiB GPU" if args.gpu_memory_gb is not None else assumed.get("gpu"),
+        "gpu_memory_gb": gpu_memory,
+        "host": f"{args.host_memory_gb:g} GiB node" if args.host_memory_gb is not None else assumed.get("host"),
+        "host_memory_gb": host_memory,
+    }
+
+
+def gpu_verdict(total: float, states: float, per_sample: float, hardware: dict) -> dict:
+    """Whether ``total`` bytes fit one GPU, and the largest per-device batch that fits with 10% to spare."""
+    if hardware["on_cpu"]:
+        return {"fits": None, "verdict": "no GPU: each process holds this in host RAM (below)",
+                "max_per_device_batch": None}
+    if hardware["gpu_memory_gb"] is None:
+        return {"fits": None, "verdict": "unknown: this config names no GPU; pass --gpu-memory-gb",
+                "max_per_device_batch": None}
+    capacity = hardware["gpu_memory_gb"] * GIB
+    room = FITS_FRACTION * capacity - states - CUDA_OVERHEAD_GB * GIB
+    max_batch = max(int(room // per_sample), 0)
+    if total <= FITS_FRACTION * capacity:
+        verdict, fits = "fits", True
+    elif total <= capacity:
+        verdict, fits = "tight: within 10% of GPU memory, may run out on the longest batches", True
+    else:
+        verdict, fits = "does not fit", False
+    return {"fits": fits, "verdict": verdict, "max_per_device_batch": max_batch}
+
+
+def host_memory(states_host: float, gpu_total: float, gpus: int, hardware: dict) -> dict:
+    """Host RAM per node: DeepSpeed's estimate; on CPU (no GPU memory) the processes' own memory as well."""
+    needed = states_host
+    if hardware["on_cpu"]:  # cpu_config.json: each process holds its "GPU" share in RAM
+        needed += gpus * gpu_total
+    result = {"total": needed / GIB, "available": hardware["host_memory_gb"], "fits": None}
+    if hardware["host_memory_gb"] is not None:
+        result["fits"] = needed <= FITS_FRACTION * hardware["host_memory_gb"] * GIB
+    return result
+
+
+def steps_plan(args: argparse.Namespace, max_length: int) -> dict:
+    """Training records, steps per epoch and in total, as the HF Trainer will count them."""
+    records = dataset_size(args)
+    held_out = math.ceil(args.test_size * records) if isinstance(args.test_size, float) else args.test_size
+    if held_out >= records:
+        raise PlanError(
+            f"--test-size {args.test_size} leaves no training records of {records}; pass a smaller --test-size."
+        )
+    train_records = records - held_out
+    world = args.num_gpus * args.num_nodes
+    batch = args.per_device_train_batch_size
+    result = {"dataset_records": records, "training_records": train_records, "global_batch": batch * world,
+              "packing": args.packing}
+    rows = train_records
+    if args.packing:
+        mean = args.mean_record_tokens or MEAN_RECORD_TOKENS.get(args.training_dataset)
+        if mean is None:
+            result.update(steps_per_epoch=None, total_steps=None,
+                          note="--packing: steps depend on record lengths; pass --mean-record-tokens")
+            return result
+        rows = math.ceil(train_records * mean / max_length)
+        result.update(packed_rows=rows, mean_record_tokens=mean, note="approximate (packed rows)")
+    per_epoch = math.ceil(math.ceil(rows / batch) / world)
+    result.update(steps_per_epoch=per_epoch, epochs=args.epochs, total_steps=math.ceil(per_epoch * args.epochs))
+    return result
+
+
+def dataset_size(args: argparse.Namespace) -> int:
+    """Records in --training-dataset: --dataset-size, a known hub id, or counted in a local file."""
+    from finetune.data import BadRecordError, load_records
+    from finetune.presets import DATASET_SIZES
+
+    if args.dataset_size is not None:
+        size = args.dataset_size
+    elif args.training_dataset in DATASET_SIZES:
+        size = DATASET_SIZES[args.training_dataset]
+    elif Path(args.training_dataset).expanduser().is_file():
+        try:
+            size = len(load_records(args.training_dataset, skip_bad_records=True)[0])
+        except BadRecordError as err:
+            raise PlanError(str(err)) from None
+    else:
+        raise PlanError(
+            f"--training-dataset {args.training_dataset}: size unknown offline; pass --dataset-size N (records)."
+        )
+    return min(size, args.max_records) if args.max_records else size
+
+
+# --- Output -----------------------------------------------------------------------------------------------------
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a readable table."""
+    m, hw, mem, host = plan["model"], plan["hardware"], plan["memory_per_gpu_gb"], plan["memory_per_node_host_gb"]
+    device = "CPU processes" if hw["on_cpu"] else hw["gpu"] or "GPUs of unknown memory"
+    lines = [
+        f"{m['input_model']} on {hw['num_nodes']} node(s) x {hw['num_gpus_per_node']} {device}, "
+        f"{Path(hw['deepspeed_config']).name} ({hw['zero']})",
+        f"  model        {m['parameters'] / 1e9:.2f}B parameters, largest layer "
+        f"{m['largest_layer_parameters'] / 1e6:.1f}M (hidden {m['hidden_size']}, {m['num_layers']} layers, vocab "
+        f"{m['vocab_size']}; config: {m['config_source']})",
+        f"  {'per process' if hw['on_cpu'] else 'per GPU':11}  {mem['model_states']:6.1f} GiB  model states "
+        "(DeepSpeed ZeRO estimator)",
+        f"             + {mem['activations']:6.1f} GiB  activations, worst case: {mem['activations_assume']}",
+    ]
+    if not hw["on_cpu"]:
+        lines.append(f"             + {mem['cuda_overhead']:6.1f} GiB  CUDA context and buffers")
+    capacity = f" of {hw['gpu_memory_gb']:g} GiB" if hw["gpu_memory_gb"] is not None else ""
+    lines.append(f"             = {mem['total']:6.1f} GiB{capacity}: {mem['verdict'].upper()}")
+    if mem["max_per_device_batch"] is not None:
+        lines.append(f"               largest per-device batch that fits with 10% to spare: "
+                     f"{mem['max_per_device_batch']}")
+    source = "the processes above + DeepSpeed ZeRO estimator" if hw["on_cpu"] else "DeepSpeed ZeRO estimator"
+    available = f" of {host['available']:g} GiB ({hw['host']})" if host["available"] is not None else ""
+    verdict = {None: "", True: ": FITS", False: ": DOES NOT FIT"}[host["fits"]]
+    lines.append(f"  host RAM     {host['total']:6.1f} GiB per node ({source}){available}{verdict}")
+    lines.append(_format_steps(plan["steps"]))
+    return "\n".join(lines)
+
+
+def _format_steps(steps: dict) -> str:
+    head = f"  steps        {steps['training_records']} training records (of {steps['dataset_records']})"
+    if steps["steps_per_epoch"] is None:
+        return f"{head}; {steps['note']}"
+    packed = f" packed into ~{steps['packed_rows']} rows," if steps["packing"] else ""
+    return (f"{head},{packed} global batch {steps['global_batch']}: {steps['steps_per_epoch']} steps per epoch, "
+            f"{steps['total_steps']} in {steps['epochs']:g} epoch(s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
