@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="Timed optimizer steps per path.")
     parser.add_argument("--warmup-steps", type=int, default=1, help="Untimed optimizer steps before timing.")
     parser.add_argument("--max-length", type=int, default=2048, help="dolly-finetune --max-length for all paths.")
-    parser.add_argument("--step-timeout", type=float, default=150,
+    parser.add_argument("--step-timeout", type=float, default=600,
                         help="Stop a path whose step takes longer than this many seconds.")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="Pass --no-gradient-checkpointing to dolly-finetune for all paths.")

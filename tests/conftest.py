@@ -117,6 +117,15 @@ def tiny_neox_dir(tmp_path_factory, dolly_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def base_neox_dir(tmp_path_factory, plain_tokenizer) -> Path:
+    """A random tiny GPT-NeoX whose tokenizer has no Dolly tokens yet: a base model before Dolly tuning."""
+    out = tmp_path_factory.mktemp("base-neox")
+    tiny_neox(len(plain_tokenizer)).save_pretrained(out)
+    plain_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_gptj_dir(tmp_path_factory, dolly_tokenizer) -> Path:
     """A random tiny GPT-J + Dolly tokenizer saved as a model directory."""
     out = tmp_path_factory.mktemp("tiny-gptj")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import tiny_neox
 from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS
 from finetune.presets import CONFIGS_DIR
 from finetune_helpers import log_history, losses, synthetic_records, write_jsonl
@@ -49,11 +48,9 @@ def _launch(base: Path, data: Path, run: Path, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory, plain_tokenizer):
+def zero3_run(tmp_path_factory, base_neox_dir):
     tmp = tmp_path_factory.mktemp("zero3")
-    base = tmp / "base"
-    tiny_neox(len(plain_tokenizer)).save_pretrained(base)
-    plain_tokenizer.save_pretrained(base)  # no Dolly tokens yet: the embeddings are resized under ZeRO-3
+    base = base_neox_dir  # no Dolly tokens yet: the embeddings are resized under ZeRO-3
     data = write_jsonl(tmp / "dolly.jsonl", synthetic_records(RECORDS, seed=11))
     _launch(base, data, tmp / "run")
     return tmp / "run", base, data

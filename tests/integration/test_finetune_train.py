@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import tiny_gptj, tiny_neox
+from conftest import tiny_gptj
 from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS, read_format_record
 from finetune.train import FinetuneError
 from finetune_helpers import cli_args, log_history, losses, run_training, synthetic_records, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def base_neox_dir(tmp_path_factory, plain_tokenizer) -> Path:
-    out = tmp_path_factory.mktemp("base-neox")
-    tiny_neox(len(plain_tokenizer)).save_pretrained(out)
-    plain_tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
