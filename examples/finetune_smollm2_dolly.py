@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=256, help="Longest record in tokens (longer: dropped).")
     parser.add_argument("--epochs", type=float, default=3, help="Training epochs.")
     parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Per-device batch (packed rows).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Per-device batch (records per step).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the record choice, split and training.")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="Most tokens per answer.")
     parser.add_argument("--output-dir", default="runs/finetune_smollm2_dolly",
