@@ -107,31 +107,28 @@ def tiny_gptj(vocab_size: int, seed: int = 0):
     return GPTJForCausalLM(config).eval()
 
 
+def _save(out: Path, model, tokenizer) -> Path:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_neox_dir(tmp_path_factory, dolly_tokenizer) -> Path:
     """A random tiny GPT-NeoX + Dolly tokenizer saved as a model directory."""
-    out = tmp_path_factory.mktemp("tiny-neox")
-    tiny_neox(len(dolly_tokenizer)).save_pretrained(out)
-    dolly_tokenizer.save_pretrained(out)
-    return out
+    return _save(tmp_path_factory.mktemp("tiny-neox"), tiny_neox(len(dolly_tokenizer)), dolly_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def base_neox_dir(tmp_path_factory, plain_tokenizer) -> Path:
     """A random tiny GPT-NeoX whose tokenizer has no Dolly tokens yet: a base model before Dolly tuning."""
-    out = tmp_path_factory.mktemp("base-neox")
-    tiny_neox(len(plain_tokenizer)).save_pretrained(out)
-    plain_tokenizer.save_pretrained(out)
-    return out
+    return _save(tmp_path_factory.mktemp("base-neox"), tiny_neox(len(plain_tokenizer)), plain_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_gptj_dir(tmp_path_factory, dolly_tokenizer) -> Path:
     """A random tiny GPT-J + Dolly tokenizer saved as a model directory."""
-    out = tmp_path_factory.mktemp("tiny-gptj")
-    tiny_gptj(len(dolly_tokenizer)).save_pretrained(out)
-    dolly_tokenizer.save_pretrained(out)
-    return out
+    return _save(tmp_path_factory.mktemp("tiny-gptj"), tiny_gptj(len(dolly_tokenizer)), dolly_tokenizer)
 
 
 def memorize(model, tokenizer, texts, steps: int = 150):
@@ -157,11 +154,8 @@ def memorized_neox_dir(tmp_path_factory, dolly_tokenizer) -> Path:
     """A tiny GPT-NeoX that answers the ``MEMORIZED`` instructions exactly, in Dolly's format."""
     out = tmp_path_factory.mktemp("memorized-neox")
     model = tiny_neox(len(dolly_tokenizer), seed=1)
-    texts = [format_training_text(i, r, c) for i, c, r in MEMORIZED]
-    memorize(model, dolly_tokenizer, texts)
-    model.save_pretrained(out)
-    dolly_tokenizer.save_pretrained(out)
-    return out
+    memorize(model, dolly_tokenizer, [format_training_text(i, r, c) for i, c, r in MEMORIZED])
+    return _save(out, model, dolly_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -169,11 +163,8 @@ def memorized_plain_dir(tmp_path_factory, plain_tokenizer) -> Path:
     """Like ``memorized_neox_dir`` but the tokenizer has no Dolly special tokens (text-based extraction)."""
     out = tmp_path_factory.mktemp("memorized-plain")
     model = tiny_neox(len(plain_tokenizer), seed=2)
-    texts = [format_training_text(i, r, c) for i, c, r in MEMORIZED]
-    memorize(model, plain_tokenizer, texts)
-    model.save_pretrained(out)
-    plain_tokenizer.save_pretrained(out)
-    return out
+    memorize(model, plain_tokenizer, [format_training_text(i, r, c) for i, c, r in MEMORIZED])
+    return _save(out, model, plain_tokenizer)
 
 
 @pytest.fixture(scope="session")
