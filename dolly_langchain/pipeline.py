@@ -1,6 +1,6 @@
 """Dolly's ``InstructionTextGenerationPipeline``, rebuilt for transformers 5.
 
-Drop-in for the ``instruct_pipeline.py`` that Dolly's hub repos load with ``trust_remote_code=True`` (which raises
+Drop-in for the ``instruct_pipeline.py`` that Dolly's hub repos load as remote code (which raises
 AttributeError on transformers 5)::
 
     from dolly_langchain.pipeline import InstructionTextGenerationPipeline, load_model_tokenizer_for_generate
