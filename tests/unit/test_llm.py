@@ -145,3 +145,131 @@ def test_streaming_response_joins_to_cut_and_stripped_text(pieces, stops):
     buffer = StreamingResponse(stops)
     out = [buffer.feed(p) for p in pieces] + [buffer.finish()]
     assert "".join(out) == cut_at_stop("".join(pieces).lstrip(), stops).strip()
+
+
+# -- tokens and the context window --------------------------------------------------------------------------------
+
+WINDOW = 512  # max_position_embeddings of the tiny fixture models
+
+
+def _words(n: int) -> str:
+    import random
+
+    from conftest import _WORDS
+
+    rng = random.Random(n)
+    return " ".join(rng.choice(_WORDS) for _ in range(n))
+
+
+@pytest.fixture
+def no_hub_tokenizer(monkeypatch):
+    """Make LangChain's gpt2 fallback and any GPT-2 tokenizer download fail loudly."""
+    import langchain_core.language_models.base as lc_base
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("LangChain's gpt2 tokenizer (a hub download) was used")
+
+    monkeypatch.setattr(lc_base, "_get_token_ids_default_method", refuse)
+    monkeypatch.setattr(lc_base, "get_tokenizer", refuse)
+    monkeypatch.setattr(transformers.GPT2TokenizerFast, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+
+
+def test_token_counts_use_the_pipelines_tokenizer_not_the_hub(llm, dolly_tokenizer, no_hub_tokenizer):
+    for text in ("Name three primary colors.", FRANCE[2], _words(300), "x"):
+        ids = dolly_tokenizer(text)["input_ids"]
+        assert llm.get_token_ids(text) == ids
+        assert llm.get_num_tokens(text) == len(ids) == len(llm.pipeline.tokenizer.encode(text))
+    assert llm.get_num_tokens("") == 0
+    # Control strings in the text are counted as the plain text the model reads them as, not as one token.
+    assert llm.get_num_tokens("### End") > 1
+    assert dolly_tokenizer.convert_tokens_to_ids("### End") not in llm.get_token_ids("a ### End b")
+    # Messages are counted with the same tokenizer.
+    from langchain_core.messages import HumanMessage
+
+    assert llm.get_num_tokens_from_messages([HumanMessage(FRANCE[0])]) == len(dolly_tokenizer(f"Human: {FRANCE[0]}")["input_ids"])
+
+
+def test_custom_get_token_ids_is_honoured(llm):
+    custom = DollyLLM(pipeline=llm.pipeline, custom_get_token_ids=lambda text: [1] * len(text.split()))
+    assert custom.get_num_tokens("one two three") == 3
+
+
+def test_count_prompt_tokens_counts_the_prompt_the_model_reads(llm, dolly_tokenizer):
+    from dolly_langchain.prompts import format_prompt
+
+    for instruction, context, _ in MEMORIZED:
+        prompt = f"{instruction}\n\nInput:\n{context}" if context else instruction
+        assert llm.count_prompt_tokens(prompt) == len(dolly_tokenizer(format_prompt(instruction, context))["input_ids"])
+        assert llm.count_prompt_tokens(prompt) > llm.get_num_tokens(prompt)  # the format adds its own tokens
+    assert llm.context_window == WINDOW == llm.pipeline.context_window
+
+
+def _over_window_prompt(llm, max_new_tokens=40):
+    """A prompt of fewer than WINDOW tokens that no longer fits once max_new_tokens are added."""
+    for n in range(300, 400):
+        prompt = _words(n)
+        tokens = llm.count_prompt_tokens(prompt)
+        if WINDOW - max_new_tokens + 5 <= tokens <= WINDOW - 5:
+            return prompt, tokens
+    raise AssertionError("no prompt of the wanted length")
+
+
+def _window_error(tokens, max_new_tokens=40):
+    return (
+        rf"the prompt is {tokens} tokens and max_new_tokens is {max_new_tokens}: {tokens + max_new_tokens} tokens "
+        rf"do not fit the model's window of {WINDOW}\. Shorten the context \(or retrieve fewer passages\), or lower "
+        r"max_new_tokens"
+    )
+
+
+@pytest.fixture
+def count_generate(llm, monkeypatch):
+    calls = []
+    generate = llm.pipeline.model.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(llm.pipeline.model, "generate", counting_generate)
+    return calls
+
+
+def test_prompt_over_the_window_raises_in_invoke_batch_and_stream(llm, count_generate):
+    import warnings
+
+    prompt, tokens = _over_window_prompt(llm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clear error, not a warning
+        with pytest.raises(ValueError, match=_window_error(tokens)):
+            llm.invoke(prompt)
+        with pytest.raises(ValueError, match=_window_error(tokens)):
+            list(llm.stream(prompt))
+        with pytest.raises(ValueError, match=_window_error(tokens)):
+            asyncio.run(llm.ainvoke(prompt))
+        # In a batch every prompt is checked before any is generated, wherever the long one is.
+        for prompts in ([FRANCE[0], COLOR[0], prompt], [prompt, FRANCE[0]]):
+            with pytest.raises(ValueError, match=_window_error(tokens)):
+                llm.batch(prompts)
+    assert count_generate == []
+
+
+def test_max_new_tokens_counts_against_the_window(llm, count_generate):
+    prompt, tokens = _over_window_prompt(llm)
+    fits = WINDOW - tokens
+    with pytest.raises(ValueError, match=_window_error(tokens, fits + 1)):
+        llm.invoke(prompt, max_new_tokens=fits + 1)
+    assert count_generate == []
+    llm.invoke(prompt, max_new_tokens=fits)  # exactly the window: generated
+    assert count_generate == [(1, tokens)]
+    small = DollyLLM(pipeline=llm.pipeline, do_sample=False, max_new_tokens=fits)
+    assert small.batch([prompt, FRANCE[0]])[1] == FRANCE[2]
+
+
+def test_the_pipeline_itself_refuses_a_prompt_over_the_window(llm, count_generate):
+    prompt, tokens = _over_window_prompt(llm)
+    with pytest.raises(ValueError, match=_window_error(tokens)):
+        llm.pipeline(prompt, max_new_tokens=40)
+    assert count_generate == []
