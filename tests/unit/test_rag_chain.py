@@ -262,19 +262,28 @@ def index(tmp_path, dolly_tokenizer):
     index = DocumentIndex(path=tmp_path / "docs.sqlite", tokenizer=dolly_tokenizer, k=1)
     index.add_documents([
         Document(page_content=SUMMARY[1], metadata={"source": "notes/cat.txt"}),
-        Document(page_content="Paris is the capital of France.", metadata={"source": "notes/paris.txt"}),
+        Document(page_content="Paris is the capital of France, the text says.", metadata={"source": "notes/paris.txt"}),
     ])
     return index
 
 
+# BM25 drops function words, so the question names the cat: "summarize", "text", "cat", "mat" reach the index.
+CAT_QUESTION = "Summarize the text about the cat on the mat."
+
+
+def cat_answer(llm):
+    """What the model answers to CAT_QUESTION given the cat passage: what a chain that retrieved it must return."""
+    return llm.invoke(INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction=CAT_QUESTION, context=SUMMARY[1]))
+
+
 def test_document_index_retriever(llm, index):
-    result = retrieval_qa_chain(llm, index).invoke(SUMMARY[0])
-    assert result["answer"] == SUMMARY[2]
+    result = retrieval_qa_chain(llm, index).invoke(CAT_QUESTION)
+    assert result["answer"] == cat_answer(llm)
     [source] = result["sources"]
     assert source.page_content == SUMMARY[1]
     assert source.metadata["source"] == "notes/cat.txt" and source.metadata["chunk_id"] == source.id
     chain = retrieval_qa_chain(llm, index.as_retriever(k=2))
-    assert [d.metadata["source"] for d in chain.invoke(SUMMARY[0])["sources"]] == ["notes/cat.txt", "notes/paris.txt"]
+    assert [d.metadata["source"] for d in chain.invoke(CAT_QUESTION)["sources"]] == ["notes/cat.txt", "notes/paris.txt"]
 
 
 def test_langchain_create_retrieval_chain_route(llm, index):
@@ -288,11 +297,11 @@ def test_langchain_create_retrieval_chain_route(llm, index):
         llm, INSTRUCTION_WITH_CONTEXT_PROMPT
     )
     chain = create_retrieval_chain(index, answer_from_documents)
-    result = chain.invoke({"input": SUMMARY[0]})
-    assert result["answer"] == SUMMARY[2]
+    result = chain.invoke({"input": CAT_QUESTION})
+    assert result["answer"] == cat_answer(llm)
     assert [d.metadata["source"] for d in result["context"]] == ["notes/cat.txt"]
-    streamed = "".join(part.get("answer", "") for part in chain.stream({"input": SUMMARY[0]}))
-    assert streamed == SUMMARY[2]
+    streamed = "".join(part.get("answer", "") for part in chain.stream({"input": CAT_QUESTION}))
+    assert streamed == cat_answer(llm)
     # It stuffs every document whole: too many for the window and DollyLLM refuses instead of overflowing.
     long_docs = ListRetriever(documents=[doc(filler(70 + i, 80), f"s{i}", f"c{i}") for i in range(6)], queries=[])
     with pytest.raises(ValueError, match="window of 512"):
