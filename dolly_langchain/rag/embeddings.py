@@ -15,9 +15,7 @@ The encoder truncates at ``max_length`` tokens (256 for MiniLM): the index embed
 
 from __future__ import annotations
 
-import importlib.metadata
 import threading
-from pathlib import Path
 from typing import Any
 
 from langchain_core.embeddings import Embeddings
@@ -85,16 +83,6 @@ def _resolve(model_name: str) -> str:
     """The packaged MiniLM's directory, a local directory, or the hub id unchanged."""
     if model_name != MINILM:
         return model_name
-    try:
-        dist = importlib.metadata.distribution(MINILM_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModuleNotFoundError(
-            f"the {MINILM} embeddings are not installed; install them with: {MINILM_INSTALL_COMMAND}"
-        ) from None
-    for file in dist.files or ():
-        if str(file).endswith(f"{MINILM}/config.json"):
-            return str(Path(dist.locate_file(file)).parent)
-    raise ModuleNotFoundError(
-        f"{MINILM_PACKAGE} is installed but holds no {MINILM}; reinstall: {MINILM_INSTALL_COMMAND} --force-reinstall"
-    )
+    from dolly_langchain.models import packaged_file
 
+    return str(packaged_file(MINILM_PACKAGE, f"{MINILM}/config.json", MINILM_INSTALL_COMMAND, ModuleNotFoundError).parent)
