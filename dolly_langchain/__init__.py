@@ -5,7 +5,8 @@
 - :mod:`dolly_langchain.llm`: ``DollyLLM``, the LangChain LLM.
 - :mod:`dolly_langchain.chains`: LCEL chains for an instruction and an instruction with context.
 - :mod:`dolly_langchain.models`: loading hub/local models and the embedded SmolLM2-135M-Instruct.
-- :mod:`dolly_langchain.cli`: the ``dolly`` command.
+- :mod:`dolly_langchain.rag`: a persistent document index (a LangChain retriever) and ``retrieval_qa_chain``.
+- :mod:`dolly_langchain.cli`: the ``dolly`` command (``dolly ask``, ``dolly rag index``, ``dolly rag ask``).
 
 Heavy modules (torch, transformers) load on first use of the names below, so ``import dolly_langchain`` is cheap.
 """
