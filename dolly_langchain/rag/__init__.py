@@ -21,6 +21,7 @@
 
 from dolly_langchain.models import load_tokenizer
 from dolly_langchain.rag.chain import NO_PASSAGES_ANSWER, retrieval_qa_chain
+from dolly_langchain.rag.embeddings import MeanPoolingEmbeddings
 from dolly_langchain.rag.index import (
     DocumentIndex,
     IndexFileError,
@@ -34,6 +35,7 @@ __all__ = [
     "IndexFileError",
     "IndexMismatchError",
     "IngestReport",
+    "MeanPoolingEmbeddings",
     "load_tokenizer",
     "retrieval_qa_chain",
 ]

@@ -94,7 +94,7 @@ _SCHEMA = (
 _WORD = re.compile(r"\w+", re.UNICODE)
 # English function words left out of BM25 queries (a query of only these keeps them). OR-ing "how", "the", "is"
 # into a query matches nearly every chunk: on dolly-15k dropping them raised hit@5 from 0.918 to 0.932 and cut
-# the median query time from 8 ms to 1.5 ms (benchmarks/rag.py).
+# the median query time from about 9 ms to 1.5 ms (benchmarks/rag.py, before and after).
 _STOPWORDS = frozenset(
     "a an and are as at be by for from has have how i in is it its of on or that the this to was were what when "
     "where which who whom whose why will with do does did can you your me my we our they their he she his her "
