@@ -68,7 +68,7 @@ def ask_command(args: argparse.Namespace) -> int:
             "context": context,
             "response": response,
             "model": llm.model_id,
-            "prompt_format": llm.pipeline.prompt_format,
+            "prompt_format": llm.prompt_format,
             "load_seconds": round(loaded - started, 3),
             "generate_seconds": round(time.perf_counter() - loaded, 3),
         }, ensure_ascii=False))

@@ -14,53 +14,40 @@ What it adds over Dolly's original: real batching (left padding, a pad token set
 ``stop_sequences``, models without Dolly's special tokens, chat-template models such as the embedded
 SmolLM2-135M-Instruct, and user text that can never become a control token.
 
-The prompt format is chosen from the tokenizer (override with ``prompt_format=``):
-
-- ``"dolly"``: the tokenizer has Dolly's special tokens (``### End`` ...): :func:`~dolly_langchain.prompts.format_prompt`,
-  generation stops at the ``### End`` token id and the response is cut by token ids.
-- ``"chat"``: no Dolly tokens but a chat template (and no Dolly format record beside the checkpoint): the
-  instruction is the user message; generation stops at the template's end-of-turn token.
-- ``"dolly-text"``: anything else: ``format_prompt`` text, generation stops at the *text* ``### End``.
+The prompt format is chosen from the tokenizer (override with ``prompt_format=``; see
+:func:`~dolly_langchain.codec.detect_prompt_format`): ``"dolly"`` (Dolly's special tokens), ``"chat"`` (a chat
+template) or ``"dolly-text"``. Prompt building and response extraction live in
+:class:`~dolly_langchain.codec.PromptCodec` (``pipeline.codec``) and generation in a
+:class:`~dolly_langchain.engines.transformers_engine.TransformersEngine` (``pipeline.engine``), the same pieces
+``DollyLLM`` uses with either engine.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from transformers import Pipeline
 
-from dolly_langchain.prompts import (
-    DOLLY_SPECIAL_TOKENS,
-    END_KEY,
-    INSTRUCTION_WITH_CONTEXT_PROMPT,
-    prompt_segments,
-    read_format_record,
-)
+from dolly_langchain.codec import PROMPT_FORMATS, PromptCodec, cut_at_stop, detect_prompt_format
+from dolly_langchain.engines.base import SamplingOptions
+from dolly_langchain.engines.transformers_engine import TransformersEngine
 
-PROMPT_FORMATS = ("dolly", "chat", "dolly-text")
+__all__ = [
+    "DEFAULT_GENERATION",
+    "PROMPT_FORMATS",
+    "InstructionTextGenerationPipeline",
+    "cut_at_stop",
+    "detect_prompt_format",
+    "generate_response",
+    "load_model_tokenizer_for_generate",
+]
 
 # Dolly's sampling defaults (instruct_pipeline.py in databricks/dolly).
 DEFAULT_GENERATION = {"do_sample": True, "max_new_tokens": 256, "top_p": 0.92, "top_k": 0}
 
-# Options that only make sense when sampling; passing them with do_sample=False makes transformers warn.
-_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
-
-# Stands in for the user message while a chat template is rendered, so the template's own text can be told
-# apart from user text (a private-use code point no tokenizer template alters).
-_USER_SENTINEL = "\ue000dolly-user-text\ue000"
-
-
-def detect_prompt_format(tokenizer, model_dir: str | None = None) -> str:
-    """Pick ``"dolly"``, ``"chat"`` or ``"dolly-text"`` for a tokenizer (see the module docstring)."""
-    added = tokenizer.get_added_vocab()
-    if all(token in added for token in DOLLY_SPECIAL_TOKENS):
-        return "dolly"
-    record = read_format_record(model_dir) if model_dir else None
-    if record is None and tokenizer.chat_template:
-        return "chat"
-    return "dolly-text"
+# Options SamplingOptions carries; any other generate() argument goes to model.generate as is.
+_SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k")
 
 
 class InstructionTextGenerationPipeline(Pipeline):
@@ -87,24 +74,24 @@ class InstructionTextGenerationPipeline(Pipeline):
         super().__init__(
             *args, do_sample=do_sample, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, task=task, **kwargs
         )
-        tokenizer = self.tokenizer
-        if tokenizer is None:
+        if self.tokenizer is None:
             raise ValueError("InstructionTextGenerationPipeline needs a tokenizer: pass tokenizer=...")
-        # Batched generation with a decoder-only model needs left padding and a pad token; Pythia has none.
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.prompt_format = prompt_format or detect_prompt_format(tokenizer, self.model.name_or_path)
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
-        self._control_ids = {
-            token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
-        }
-        self._control_pattern = re.compile(
-            "|".join(re.escape(t) for t in sorted(self._control_ids, key=len, reverse=True)) or r"(?!)"
+        self.codec = PromptCodec(
+            self.tokenizer, prompt_format, model_dir=self.model.name_or_path,
+            eos_token_ids=self.model.generation_config.eos_token_id,
         )
-        self._bos_ids = _leading_special_ids(tokenizer) if self.prompt_format != "chat" else []
-        self.stop_token_ids = self._find_stop_token_ids()
+        fallback = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1_000_000 else None
+        self.engine = TransformersEngine(self.model, self.tokenizer.pad_token_id, fallback_window=fallback)
+
+    # -- what the codec knows, under the names this pipeline has always had ------------------------------------
+
+    @property
+    def prompt_format(self) -> str:
+        return self.codec.prompt_format
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return self.codec.stop_token_ids
 
     @property
     def context_window(self) -> int | None:
@@ -113,77 +100,26 @@ class InstructionTextGenerationPipeline(Pipeline):
         Falls back to the tokenizer's ``model_max_length`` when the config has no such field; ``None`` when
         neither is known (tokenizers without a limit report a huge sentinel, which is ignored).
         """
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
-        window = getattr(config, "max_position_embeddings", None)
-        if window is None and self.tokenizer.model_max_length < 1_000_000:
-            window = self.tokenizer.model_max_length
-        return window
+        return self.engine.context_window
 
     def check_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed the window.
-
-        transformers only warns and then generates from positions the model never saw in training (or fails
-        with a tensor size mismatch, as Dolly's users saw with RetrievalQA); refusing up front is clearer.
-        """
-        window = self.context_window
-        max_new_tokens = max_new_tokens or 0
-        if window is not None and prompt_tokens + max_new_tokens > window:
-            raise ValueError(
-                f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
-                f"{prompt_tokens + max_new_tokens} tokens do not fit the model's window of {window}. "
-                "Shorten the context (or retrieve fewer passages), or lower max_new_tokens."
-            )
-
-    # -- prompt building -------------------------------------------------------------------------------------
+        """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed the window."""
+        check_window(self.context_window, prompt_tokens, max_new_tokens)
 
     def prompt_segments(self, instruction: str, context: str | None = None) -> list[tuple[str, bool]]:
-        """The model-format prompt as ``(text, is_user_text)`` pieces; their texts joined are the prompt."""
-        if self.prompt_format != "chat":
-            return prompt_segments(instruction, context)
-        user = INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction=instruction, context=context) if context else instruction
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": _USER_SENTINEL}], tokenize=False, add_generation_prompt=True
-        )
-        if rendered.count(_USER_SENTINEL) != 1:
-            raise ValueError("the tokenizer's chat template does not place the user message verbatim; "
-                             "pass prompt_format='dolly-text'")
-        before, after = rendered.split(_USER_SENTINEL)
-        return [(before, False), (user, True), (after, False)]
+        return self.codec.prompt_segments(instruction, context)
 
     def prompt_text(self, instruction: str, context: str | None = None) -> str:
-        """The exact text the model sees for this instruction."""
-        return "".join(text for text, _ in self.prompt_segments(instruction, context))
+        return self.codec.prompt_text(instruction, context)
 
     def encode_prompt(self, instruction: str, context: str | None = None) -> list[int]:
-        """Token ids of the prompt. Control tokens come only from the template, never from user text.
+        return self.codec.encode_prompt(instruction, context)
 
-        Text between the template's control tokens is encoded with ``split_special_tokens=True``, so a user who
-        writes ``### End`` or ``<|im_end|>`` gets those characters as plain text. For text without such strings
-        the ids equal tokenizing the whole prompt at once (what training saw): HF tokenizers split at added
-        tokens before any other step.
-        """
-        ids = list(self._bos_ids)
-        pending = ""
-        for text, is_user in self.prompt_segments(instruction, context):
-            if is_user:
-                pending += text
-                continue
-            start = 0
-            for match in self._control_pattern.finditer(text):
-                pending += text[start : match.start()]
-                ids += self._encode_plain(pending)
-                pending = ""
-                ids.append(self._control_ids[match.group()])
-                start = match.end()
-            pending += text[start:]
-        return ids + self._encode_plain(pending)
+    def stop_strings(self, stop_sequences=None) -> list[str]:
+        return self.codec.stop_strings(stop_sequences)
 
-    def _encode_plain(self, text: str) -> list[int]:
-        if not text:
-            return []
-        # verbose=False: no "sequence length is longer than the maximum" warning; check_window refuses those.
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    def decode_response(self, new_ids, stop_sequences=None) -> str:
+        return self.codec.decode_response(new_ids, stop_sequences)
 
     # -- transformers Pipeline protocol ------------------------------------------------------------------------
 
@@ -203,11 +139,19 @@ class InstructionTextGenerationPipeline(Pipeline):
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "instruction_text": instruction}
 
     def _forward(self, model_inputs: dict, **generate_kwargs: Any) -> dict:
-        input_ids = model_inputs["input_ids"]
-        kwargs = self.generate_kwargs(**generate_kwargs)
-        self.check_window(input_ids.shape[1], kwargs.get("max_new_tokens"))
-        generated = self.model.generate(input_ids=input_ids, attention_mask=model_inputs["attention_mask"], **kwargs)
-        return {"generated_ids": generated[:, input_ids.shape[1] :], "instruction_text": model_inputs["instruction_text"]}
+        kwargs = {**self._forward_params, **generate_kwargs}
+        stops = kwargs.pop("stop_sequences", None)
+        options = sampling_options(kwargs)
+        extra = {k: v for k, v in kwargs.items() if k not in _SAMPLING_FIELDS}
+        # The Pipeline machinery may have padded a batch: hand the engine each row's own ids.
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(model_inputs["input_ids"], model_inputs["attention_mask"])]
+        for ids in prompts:
+            self.check_window(len(ids), options.max_new_tokens)
+        watchers = [self.codec.watcher(stops) for _ in prompts]
+        outputs = self.engine.generate(
+            prompts, options, self.stop_token_ids, lambda row, token, _: watchers[row].push(token)[1], **extra
+        )
+        return {"generated_ids": [o.token_ids for o in outputs], "instruction_text": model_inputs["instruction_text"]}
 
     def postprocess(self, model_outputs: dict, return_full_text: bool = False, stop_sequences=None) -> list[dict]:
         response = self.decode_response(model_outputs["generated_ids"][0], stop_sequences)
@@ -215,52 +159,33 @@ class InstructionTextGenerationPipeline(Pipeline):
             response = f"{model_outputs['instruction_text']}\n{response}"
         return [{"generated_text": response}]
 
-    # -- generation helpers shared with DollyLLM's streaming ---------------------------------------------------
 
-    def generate_kwargs(self, stop_sequences=None, **options: Any) -> dict:
-        """``model.generate`` arguments for these options: stop tokens, pad token, stop strings, sampling."""
-        kwargs = {**self._forward_params, **options}
-        stop_sequences = kwargs.pop("stop_sequences", None) if stop_sequences is None else stop_sequences
-        if not kwargs.get("do_sample", False):
-            for key in _SAMPLING_ONLY:
-                kwargs.pop(key, None)
-        stop_strings = self.stop_strings(stop_sequences)
-        if stop_strings:
-            kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
-        kwargs.setdefault("eos_token_id", self.stop_token_ids)
-        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        return kwargs
-
-    def stop_strings(self, stop_sequences=None) -> list[str]:
-        """Strings at which text must end: ``### End`` for ``dolly-text``, plus the caller's stop sequences."""
-        strings = [END_KEY] if self.prompt_format == "dolly-text" else []
-        return strings + [s for s in (stop_sequences or []) if s]
-
-    def decode_response(self, new_ids, stop_sequences=None) -> str:
-        """Turn generated ids into the response: cut at the first stop token, decode, cut at stop strings."""
-        ids = new_ids.tolist() if isinstance(new_ids, torch.Tensor) else list(new_ids)
-        stops = set(self.stop_token_ids)
-        end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        return cut_at_stop(text, self.stop_strings(stop_sequences)).strip()
-
-    def _find_stop_token_ids(self) -> list[int]:
-        ids = []
-        if self.prompt_format == "dolly":
-            ids.append(self.tokenizer.convert_tokens_to_ids(END_KEY))
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            ids += source if isinstance(source, list) else [source] if source is not None else []
-        return list(dict.fromkeys(ids))
+def sampling_options(options: dict[str, Any], *, logprobs: bool = False) -> SamplingOptions:
+    """:class:`SamplingOptions` from generate-style keyword arguments (Dolly's defaults for those missing)."""
+    do_sample = bool(options.get("do_sample", DEFAULT_GENERATION["do_sample"]))
+    return SamplingOptions(
+        max_new_tokens=int(options.get("max_new_tokens") or DEFAULT_GENERATION["max_new_tokens"]),
+        do_sample=do_sample,
+        temperature=float(options.get("temperature") or 1.0) if do_sample else 1.0,
+        top_p=float(options.get("top_p") or 1.0) if do_sample else 1.0,
+        top_k=int(options.get("top_k") or 0) if do_sample else 0,
+        logprobs=logprobs,
+    )
 
 
-def cut_at_stop(text: str, stop_strings) -> str:
-    """Cut ``text`` before the earliest occurrence of any stop string."""
-    cut = len(text)
-    for stop in stop_strings:
-        index = text.find(stop)
-        if index != -1:
-            cut = min(cut, index)
-    return text[:cut]
+def check_window(window: int | None, prompt_tokens: int, max_new_tokens: int | None) -> None:
+    """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed ``window``.
+
+    transformers only warns and then generates from positions the model never saw in training (or fails
+    with a tensor size mismatch, as Dolly's users saw with RetrievalQA); refusing up front is clearer.
+    """
+    max_new_tokens = max_new_tokens or 0
+    if window is not None and prompt_tokens + max_new_tokens > window:
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+            f"{prompt_tokens + max_new_tokens} tokens do not fit the model's window of {window}. "
+            "Shorten the context (or retrieve fewer passages), or lower max_new_tokens."
+        )
 
 
 def _split_input(inputs) -> tuple[str, str | None]:
@@ -271,16 +196,6 @@ def _split_input(inputs) -> tuple[str, str | None]:
     raise ValueError(
         f"expected an instruction string or a dict with keys 'instruction' and optional 'context', got {inputs!r}"
     )
-
-
-def _leading_special_ids(tokenizer) -> list[int]:
-    """Ids the tokenizer puts before any text (a BOS for Llama-style tokenizers, nothing for GPT-NeoX)."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(without) + 1):
-        if with_special[start : start + len(without)] == without:
-            return with_special[:start]
-    return []
 
 
 def load_model_tokenizer_for_generate(pretrained_model_name_or_path: str | None = None, **model_kwargs: Any):

@@ -38,7 +38,7 @@ def main() -> None:
     llm = DollyLLM.from_model_id(args.model, do_sample=False, max_new_tokens=96)
     embeddings = MeanPoolingEmbeddings(model_name=args.embeddings) if args.embeddings else None
     # Chunks are measured in the answering model's tokens, so the prompt budget is exact.
-    index = DocumentIndex(path=args.index, tokenizer=llm.pipeline.tokenizer, embeddings=embeddings, k=args.k)
+    index = DocumentIndex(path=args.index, tokenizer=llm.tokenizer, embeddings=embeddings, k=args.k)
     report = index.add_paths(args.paths or DEFAULT_DOCS, progress=True)
     print(f"{args.index}: {report.counts()}")
     for source, reason in report.failed:

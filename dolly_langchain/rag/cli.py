@@ -114,7 +114,7 @@ def ask_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     llm = load_llm(args)
     loaded = time.perf_counter()
-    index = _open(args.index, tokenizer=llm.pipeline.tokenizer, embeddings=embeddings, k=args.k)
+    index = _open(args.index, tokenizer=llm.tokenizer, embeddings=embeddings, k=args.k)
     chain = retrieval_qa_chain(llm, index)
     try:
         if args.stream and not args.json:

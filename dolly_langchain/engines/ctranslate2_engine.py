@@ -1,0 +1,164 @@
+"""The ``ctranslate2`` engine: CTranslate2's ``Generator`` on a converted copy of the model.
+
+    engine = CTranslate2Engine.from_model(None)                       # embedded model, int8 on CPU
+    engine = CTranslate2Engine.from_model("runs/dolly-7b", device="cuda", compute_type="int8_float16")
+
+Compute types (``compute_type=``): ``"auto"`` (the default) picks ``int8`` on CPU and ``int8_float16`` on CUDA
+(``float16`` where the GPU has no int8 kernels). On CPU, prefer int8: CTranslate2 turns Intel MKL off on AMD
+processors, and its fallback float32 kernels are several times slower than int8 there (``CT2_USE_MKL=1`` forces
+MKL, which speeds float32 up but slows int8 down). int8 changes greedy outputs: see the README's measured cost.
+
+CTranslate2's Python API takes token *strings*. Each id is mapped to its string in the converted model's own
+vocabulary, which is checked to hold each string once, so the ids reaching the model are exactly the ids the
+:class:`~dolly_langchain.codec.PromptCodec` encoded: user text can no more become a control token here than
+with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from dolly_langchain.engines.base import EngineOutput, GenerationEngine, RowTracker, SamplingOptions, TokenCallback
+
+COMPUTE_TYPES = ("auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
+DEVICES = ("cpu", "cuda")
+INSTALL_HINT = "pip install 'ctranslate2>=4.5'"
+
+
+def import_ctranslate2():
+    """Import ``ctranslate2`` or raise an ImportError that says how to install it."""
+    try:
+        import ctranslate2
+    except ImportError as err:
+        raise ImportError(f"engine='ctranslate2' needs the ctranslate2 package: {INSTALL_HINT}") from err
+    return ctranslate2
+
+
+def available() -> bool:
+    """Whether the ``ctranslate2`` package can be imported."""
+    try:
+        import_ctranslate2()
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_compute_type(compute_type: str, device: str) -> str:
+    """Turn ``"auto"`` into a concrete type for ``device`` and check that the device supports it."""
+    ctranslate2 = import_ctranslate2()
+    if compute_type not in COMPUTE_TYPES:
+        raise ValueError(f"compute_type must be one of {COMPUTE_TYPES}, got {compute_type!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES} for engine='ctranslate2', got {device!r}")
+    if device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+        raise ValueError("device='cuda' but CTranslate2 sees no CUDA GPU; use device='cpu'")
+    supported = ctranslate2.get_supported_compute_types(device)
+    if compute_type == "auto":
+        preference = ("int8",) if device == "cpu" else ("int8_float16", "float16", "int8", "float32")
+        return next((t for t in preference if t in supported), "float32")
+    if compute_type not in supported:
+        raise ValueError(
+            f"compute_type {compute_type!r} is not supported on {device} here; supported: {sorted(supported)}"
+        )
+    return compute_type
+
+
+class CTranslate2Engine(GenerationEngine):
+    """Generates with a CTranslate2 model directory (see :func:`~dolly_langchain.engines.conversion.convert_to_ctranslate2`)."""
+
+    name = "ctranslate2"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        compute_type: str = "auto",
+        device_index: int = 0,
+        intra_threads: int = 0,
+        context_window: int | None = None,
+    ):
+        ctranslate2 = import_ctranslate2()
+        self.model_dir = Path(model_dir)
+        self.compute_type = resolve_compute_type(compute_type, device)
+        self._device = device
+        self.generator = ctranslate2.Generator(
+            str(self.model_dir), device=device, device_index=device_index, compute_type=self.compute_type,
+            intra_threads=intra_threads,
+        )
+        vocabulary = json.loads((self.model_dir / "vocabulary.json").read_text(encoding="utf-8"))
+        if len(set(vocabulary)) != len(vocabulary):
+            raise ValueError(f"{self.model_dir}/vocabulary.json holds a token string twice; token ids would be "
+                             "ambiguous for CTranslate2. Use engine='transformers' for this model.")
+        self._vocabulary = vocabulary
+        if context_window is None:
+            from dolly_langchain.engines.conversion import read_conversion_record
+
+            record = read_conversion_record(self.model_dir) or {}
+            context_window = record.get("context_window")
+        self._context_window = context_window
+
+    @classmethod
+    def from_model(
+        cls, model_id: str | None = None, *, device: str = "cpu", compute_type: str = "auto", **kwargs
+    ) -> CTranslate2Engine:
+        """Convert (once, cached) and load a model by hub id, local directory, or ``None`` for the embedded one."""
+        from dolly_langchain.engines.conversion import convert_to_ctranslate2
+        from dolly_langchain.models import resolve_model_path
+
+        concrete = resolve_compute_type(compute_type, device)
+        model_dir = convert_to_ctranslate2(resolve_model_path(model_id), concrete)
+        return cls(model_dir, device=device, compute_type=concrete, **kwargs)
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def context_window(self) -> int | None:
+        return self._context_window
+
+    def describe(self) -> dict:
+        return {**super().describe(), "compute_type": self.compute_type}
+
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary strings of ``ids`` (what CTranslate2's API takes)."""
+        try:
+            return [self._vocabulary[i] for i in ids]
+        except IndexError:
+            bad = next(i for i in ids if not 0 <= i < len(self._vocabulary))
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {len(self._vocabulary)}") from None
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        options: SamplingOptions,
+        stop_token_ids: Sequence[int],
+        on_token: TokenCallback | None = None,
+    ) -> list[EngineOutput]:
+        if not prompts:
+            return []
+        tracker = RowTracker(len(prompts), stop_token_ids, on_token, options.logprobs)
+
+        def step(result) -> bool:
+            return tracker.add(result.batch_id, result.token_id, result.log_prob)
+
+        if options.do_sample:
+            # CTranslate2: sampling_topk=0 samples from the whole vocabulary, like top_k=0 in transformers.
+            sampling = {"sampling_topk": options.top_k, "sampling_topp": options.top_p,
+                        "sampling_temperature": options.temperature}
+        else:
+            sampling = {"sampling_topk": 1}
+        self.generator.generate_batch(
+            [self.tokens(p) for p in prompts],
+            max_length=options.max_new_tokens,
+            # The prompt is forwarded at once to fill the KV cache instead of being "generated" token by token.
+            include_prompt_in_result=False,
+            end_token=list(stop_token_ids) or None,
+            return_scores=options.logprobs,  # makes log_prob available in the per-step callback
+            callback=step,
+            **sampling,
+        )
+        return tracker.outputs

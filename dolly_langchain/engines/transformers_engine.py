@@ -1,0 +1,101 @@
+"""The ``transformers`` engine: ``model.generate`` on any model transformers loads (GPUs, quantization, device_map)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from dolly_langchain.engines.base import EngineOutput, GenerationEngine, RowTracker, SamplingOptions, TokenCallback
+
+
+class TransformersEngine(GenerationEngine):
+    """Runs a transformers causal LM. Prompts are left-padded into one batch with ``pad_token_id``.
+
+    Per-row stopping and streaming use a ``StoppingCriteria`` that sees each step's new tokens (transformers 5
+    criteria return one flag per row), so stop strings and cancelled calls end their row without ending the batch.
+    ``extra`` keyword arguments of :meth:`generate` go to ``model.generate`` unchanged (``repetition_penalty``...).
+    """
+
+    name = "transformers"
+
+    def __init__(self, model, pad_token_id: int, *, fallback_window: int | None = None):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self._fallback_window = fallback_window
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def context_window(self) -> int | None:
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
+        window = getattr(config, "max_position_embeddings", None)
+        return window if window is not None else self._fallback_window
+
+    def describe(self) -> dict:
+        return {**super().describe(), "dtype": str(self.model.dtype).replace("torch.", "")}
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        options: SamplingOptions,
+        stop_token_ids: Sequence[int],
+        on_token: TokenCallback | None = None,
+        **extra: Any,
+    ) -> list[EngineOutput]:
+        if not prompts:
+            return []
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        tracker = RowTracker(len(prompts), stop_token_ids, on_token, options.logprobs)
+        recorder = _LogprobRecorder() if options.logprobs else None
+        kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample}
+        if options.do_sample:
+            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+        kwargs.update(extra)
+        # Custom processors run before transformers' sampling warpers, so the recorder sees the model's own
+        # distribution (after repetition penalties and the like), as CTranslate2 reports it.
+        if recorder is not None:
+            kwargs["logits_processor"] = [recorder, *kwargs.get("logits_processor", [])]
+        kwargs["stopping_criteria"] = [_Rows(tracker, recorder), *kwargs.get("stopping_criteria", [])]
+        device = self.model.device
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                eos_token_id=list(stop_token_ids) or None,
+                pad_token_id=self.pad_token_id,
+                **kwargs,
+            )
+        return tracker.outputs
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """Keeps the last step's log-softmax so the chosen tokens' log-probabilities can be read after sampling."""
+
+    last: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
+class _Rows(StoppingCriteria):
+    """Hands each step's new token per row to the tracker; rows it reports ended stop in transformers too."""
+
+    def __init__(self, tracker: RowTracker, recorder: _LogprobRecorder | None):
+        self.tracker, self.recorder = tracker, recorder
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, -1].tolist()
+        for row, token in enumerate(new):
+            if not self.tracker.done[row]:
+                logprob = float(self.recorder.last[row, token]) if self.recorder is not None else None
+                self.tracker.add(row, token, logprob)
+        return torch.tensor(self.tracker.done, dtype=torch.bool, device=input_ids.device)

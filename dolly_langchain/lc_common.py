@@ -1,0 +1,150 @@
+"""Fields and loading shared by the LangChain classes ``DollyLLM`` and ``ChatDolly``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dolly_langchain.engines.base import SamplingOptions
+from dolly_langchain.pipeline import DEFAULT_GENERATION, InstructionTextGenerationPipeline
+from dolly_langchain.runtime import DollyRuntime, load_runtime
+
+EMBEDDED_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded)"
+OPTION_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "logprobs")
+_LOAD_OPTIONS = (*OPTION_NAMES, "batch_size")
+
+
+class DollyModelFields(BaseModel):
+    """Generation options and the runtime (engine + codec + batching) of a Dolly LangChain model."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    pipeline: Any = None
+    """The :class:`InstructionTextGenerationPipeline` (transformers engine); ``None`` on the ctranslate2 engine."""
+    runtime: Any = Field(default=None, exclude=True)
+    """The :class:`~dolly_langchain.runtime.DollyRuntime`: codec, engine and the scheduler that batches calls."""
+    model_id: str | None = None
+    """Hub id or local directory the model came from."""
+    max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"]
+    """Most tokens generated per response (Dolly's default: 256)."""
+    do_sample: bool = DEFAULT_GENERATION["do_sample"]
+    """Sample (Dolly's default) or decode greedily (``False``, reproducible)."""
+    temperature: float = 1.0
+    """Sampling temperature; ignored when ``do_sample`` is False."""
+    top_p: float = DEFAULT_GENERATION["top_p"]
+    """Nucleus sampling mass (Dolly's default: 0.92); ignored when ``do_sample`` is False."""
+    top_k: int = DEFAULT_GENERATION["top_k"]
+    """Top-k sampling cut-off, 0 for none (Dolly's default); ignored when ``do_sample`` is False."""
+    logprobs: bool = False
+    """Report the log-probability of each generated token (``generation_info`` / ``response_metadata``)."""
+    batch_size: int = Field(default=16, ge=1)
+    """Most prompts per engine batch. Prompts of one ``batch`` call and calls made at the same time from other
+    threads or tasks share batches up to this size; 16 keeps a 2-core CPU busy, raise it on a GPU."""
+
+    @model_validator(mode="after")
+    def _attach_runtime(self):
+        if self.runtime is None:
+            if not isinstance(self.pipeline, InstructionTextGenerationPipeline):
+                raise ValueError(
+                    f"{type(self).__name__} needs pipeline=InstructionTextGenerationPipeline(...), runtime=..., or "
+                    f"{type(self).__name__}.from_model_id(...)"
+                )
+            self.runtime = DollyRuntime.for_pipeline(self.pipeline)
+        elif not isinstance(self.runtime, DollyRuntime):
+            raise ValueError("runtime must be a dolly_langchain.runtime.DollyRuntime")
+        elif self.pipeline is None:
+            self.pipeline = self.runtime.pipeline
+        self.runtime.scheduler.batch_size = self.batch_size
+        if self.model_id is None and self.pipeline is not None and self.pipeline.model.name_or_path:
+            self.model_id = self.pipeline.model.name_or_path
+        return self
+
+    @classmethod
+    def from_model_id(
+        cls,
+        model_id: str | None = None,
+        *,
+        engine: str | None = None,
+        compute_type: str = "auto",
+        device: str | None = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        quantization_config: Any = None,
+        model_kwargs: dict | None = None,
+        prompt_format: str | None = None,
+        **options: Any,
+    ):
+        """Load a model by hub id or local directory (``None``: the embedded SmolLM2-135M-Instruct).
+
+        ``engine``: ``"transformers"``, ``"ctranslate2"``, or ``None``/``"auto"``: ctranslate2 int8 for the
+        embedded model when the package is installed, transformers otherwise. ``compute_type`` (``"auto"``,
+        ``"int8"``, ``"int8_float16"``, ``"float16"``, ``"float32"``...) and ``device`` (``"cpu"``, ``"cuda"``)
+        choose how CTranslate2 runs; the model is converted once and cached. ``dtype``, ``device_map`` and
+        ``quantization_config`` go to transformers' ``from_pretrained``, ``model_kwargs`` carries any other of
+        its arguments. ``options`` are this class's fields (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_p``, ``top_k``, ``logprobs``, ``batch_size``).
+        """
+        unknown = set(options) - set(_LOAD_OPTIONS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_model_id() got unknown options: {sorted(unknown)}")
+        runtime = load_runtime(
+            model_id, engine=engine, compute_type=compute_type, device=device, prompt_format=prompt_format,
+            dtype=dtype, device_map=device_map, quantization_config=quantization_config, model_kwargs=model_kwargs,
+        )
+        return cls(runtime=runtime, model_id=model_id or EMBEDDED_MODEL_LABEL, **options)
+
+    # -- what callers may want to see --------------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        """The :class:`~dolly_langchain.engines.base.GenerationEngine` that runs the model."""
+        return self.runtime.engine
+
+    @property
+    def codec(self):
+        """The :class:`~dolly_langchain.codec.PromptCodec`: prompt format, encoding, response extraction."""
+        return self.runtime.codec
+
+    @property
+    def tokenizer(self):
+        return self.runtime.codec.tokenizer
+
+    @property
+    def prompt_format(self) -> str:
+        return self.runtime.codec.prompt_format
+
+    @property
+    def context_window(self) -> int | None:
+        """Most tokens (prompt + response) the model attends over; ``None`` if the model does not say."""
+        return self.runtime.context_window
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "prompt_format": self.prompt_format,
+            **self.engine.describe(),
+            **{name: getattr(self, name) for name in OPTION_NAMES},
+        }
+
+    def _sampling(self, kwargs: dict[str, Any]) -> SamplingOptions:
+        unknown = set(kwargs) - set(OPTION_NAMES)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown keyword arguments {sorted(unknown)}; known: {list(OPTION_NAMES)}"
+            )
+        values = {name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES}
+        do_sample = bool(values["do_sample"])
+        return SamplingOptions(
+            max_new_tokens=int(values["max_new_tokens"]),
+            do_sample=do_sample,
+            temperature=float(values["temperature"]) if do_sample else 1.0,
+            top_p=float(values["top_p"]) if do_sample else 1.0,
+            top_k=int(values["top_k"]) if do_sample else 0,
+            logprobs=bool(values["logprobs"]),
+        )
+
+    def _checked(self, ids: list[int], options: SamplingOptions) -> list[int]:
+        # Checked for every prompt before any is generated, so a batch fails before spending time on the others.
+        self.runtime.check_window(len(ids), options.max_new_tokens)
+        return ids

@@ -1,0 +1,222 @@
+"""What ``DollyLLM`` and ``ChatDolly`` share: a codec, an engine, and the scheduler that batches their calls.
+
+:func:`load_runtime` loads a model on either engine; :class:`DollyRuntime` turns encoded prompts into
+:class:`Completion` objects, synchronously, asynchronously, or as streams of text chunks. Every call, from any
+thread or event loop, goes through one :class:`~dolly_langchain.engines.scheduler.BatchScheduler`, so concurrent
+calls share batches and never run the engine at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dolly_langchain.codec import PromptCodec
+from dolly_langchain.engines.base import ENGINES, GenerationEngine, SamplingOptions
+from dolly_langchain.engines.scheduler import DEFAULT_WINDOW, BatchScheduler, Request
+
+_DONE = object()
+
+
+@dataclass
+class Completion:
+    """One response: its text, the generated ids it came from, and per-token log-probabilities when asked for."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
+    """``[{"token", "token_id", "logprob"}]`` for the tokens of ``text`` (``logprobs=True`` only)."""
+
+
+class DollyRuntime:
+    """A codec and an engine behind one scheduler. ``pipeline`` is set for the transformers engine."""
+
+    def __init__(self, codec: PromptCodec, engine: GenerationEngine, *, pipeline: Any = None,
+                 batch_size: int = 16, window: float = DEFAULT_WINDOW):
+        self.codec = codec
+        self.engine = engine
+        self.pipeline = pipeline
+        self.scheduler = BatchScheduler(engine, codec.stop_token_ids, batch_size=batch_size, window=window)
+
+    @classmethod
+    def for_pipeline(cls, pipeline) -> DollyRuntime:
+        """The runtime of an ``InstructionTextGenerationPipeline`` (one per pipeline, so calls share its batches)."""
+        runtime = getattr(pipeline, "_dolly_runtime", None)
+        if runtime is None:
+            runtime = cls(pipeline.codec, pipeline.engine, pipeline=pipeline)
+            pipeline._dolly_runtime = runtime
+        return runtime
+
+    @property
+    def tokenizer(self):
+        return self.codec.tokenizer
+
+    @property
+    def context_window(self) -> int | None:
+        return self.engine.context_window
+
+    def check_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        from dolly_langchain.pipeline import check_window
+
+        check_window(self.context_window, prompt_tokens, max_new_tokens)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def _request(self, ids, options: SamplingOptions, stop, listener=None) -> Request:
+        watcher = self.codec.watcher(stop)
+
+        def on_token(token_id: int, logprob) -> bool:
+            text, stopped = watcher.push(token_id)
+            if text and listener is not None:
+                listener(text)
+            return stopped
+
+        def on_finish() -> None:
+            tail = watcher.finish()
+            if tail and listener is not None:
+                listener(tail)
+
+        return Request(ids, options, on_token, on_finish)
+
+    def _completion(self, output, stop) -> Completion:
+        text = self.codec.decode_response(output.token_ids, stop)
+        logprobs = None
+        if output.logprobs is not None:
+            logprobs = self.codec.response_tokens(output.token_ids, output.logprobs, stop)
+        return Completion(text=text, token_ids=list(output.token_ids), logprobs=logprobs)
+
+    def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None) -> list[Completion]:
+        """Completions for encoded prompts, in order; blocks until all are done."""
+        # Longest first, so batches hold prompts of similar length and pad little; results go back in order.
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        requests = {i: self._request(prompts[i], options, stop) for i in order}
+        self.scheduler.submit([requests[i] for i in order])
+        try:
+            return [self._completion(requests[i].future.result(), stop) for i in range(len(prompts))]
+        except BaseException:
+            for request in requests.values():
+                request.cancel()
+            raise
+
+    async def agenerate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None) -> list[Completion]:
+        """Like :meth:`generate`, awaiting instead of blocking; cancelling the task frees its batch slots."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        requests = {i: self._request(prompts[i], options, stop) for i in order}
+        self.scheduler.submit([requests[i] for i in order])
+        try:
+            outputs = await asyncio.gather(*(asyncio.wrap_future(requests[i].future) for i in range(len(prompts))))
+        except BaseException:  # CancelledError included
+            for request in requests.values():
+                request.cancel()
+            raise
+        return [self._completion(output, stop) for output in outputs]
+
+    def stream(self, ids: Sequence[int], options: SamplingOptions, stop=None) -> Iterator[str | Completion]:
+        """Text chunks as they are generated, then the :class:`Completion`. Closing the iterator cancels."""
+        events: queue.Queue = queue.Queue()
+        request = self._request(ids, options, stop, listener=events.put)
+        request.future.add_done_callback(lambda _: events.put(_DONE))
+        self.scheduler.submit([request])
+        try:
+            while (item := events.get()) is not _DONE:
+                yield item
+            yield self._completion(request.future.result(), stop)
+        finally:
+            request.cancel()
+
+    async def astream(self, ids: Sequence[int], options: SamplingOptions, stop=None) -> AsyncIterator[str | Completion]:
+        """Async :meth:`stream`; a cancelled or abandoned stream frees its slot."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        request = self._request(ids, options, stop, listener=put)
+        request.future.add_done_callback(lambda _: put(_DONE) if not loop.is_closed() else None)
+        self.scheduler.submit([request])
+        try:
+            while (item := await events.get()) is not _DONE:
+                yield item
+            yield self._completion(request.future.result(), stop)
+        finally:
+            request.cancel()
+
+
+def load_runtime(
+    model_id: str | None = None,
+    *,
+    engine: str | None = None,
+    compute_type: str = "auto",
+    device: str | None = None,
+    prompt_format: str | None = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    quantization_config: Any = None,
+    model_kwargs: dict | None = None,
+) -> DollyRuntime:
+    """Load a model (hub id, local directory, ``None`` for the embedded one) on an engine.
+
+    ``engine=None`` or ``"auto"``: ``"ctranslate2"`` for the embedded model when the ctranslate2 package is
+    installed and no transformers-only option is given, ``"transformers"`` otherwise. ``compute_type`` and
+    ``device`` ("cpu" or "cuda") choose how CTranslate2 runs; ``dtype``, ``device_map``, ``quantization_config``
+    and ``model_kwargs`` go to transformers' ``from_pretrained``.
+    """
+    transformers_only = {
+        name: value
+        for name, value in (("dtype", dtype), ("device_map", device_map), ("quantization_config", quantization_config),
+                            ("model_kwargs", model_kwargs))
+        if value
+    }
+    engine = resolve_engine(engine, model_id, transformers_only)
+    if engine == "ctranslate2":
+        if transformers_only:
+            raise ValueError(f"{sorted(transformers_only)} are transformers options; with engine='ctranslate2' use "
+                             "compute_type= and device= (or pass engine='transformers')")
+        return _load_ctranslate2(model_id, compute_type, device or "cpu", prompt_format)
+    if compute_type not in (None, "auto"):
+        raise ValueError("compute_type is a CTranslate2 option; with engine='transformers' pass dtype= (e.g. "
+                         "torch.bfloat16) or quantization_config=")
+    from dolly_langchain.models import load_model_and_tokenizer
+    from dolly_langchain.pipeline import InstructionTextGenerationPipeline
+
+    load_kwargs = dict(model_kwargs or {})
+    for key, value in (("dtype", dtype), ("device_map", device_map), ("quantization_config", quantization_config)):
+        if value is not None:
+            load_kwargs[key] = value
+    model, tokenizer = load_model_and_tokenizer(model_id, **load_kwargs)
+    if device is not None and device_map is None:
+        model.to(device)
+    pipeline = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer, prompt_format=prompt_format)
+    return DollyRuntime.for_pipeline(pipeline)
+
+
+def resolve_engine(engine: str | None, model_id: str | None, transformers_only: dict | None = None) -> str:
+    """The engine ``engine=None``/``"auto"`` means for this model (see :func:`load_runtime`)."""
+    if engine in (None, "auto"):
+        from dolly_langchain.engines.ctranslate2_engine import available
+
+        return "ctranslate2" if model_id is None and not transformers_only and available() else "transformers"
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {('auto', *ENGINES)}, got {engine!r}")
+    return engine
+
+
+def _load_ctranslate2(model_id, compute_type, device, prompt_format) -> DollyRuntime:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from dolly_langchain.engines.ctranslate2_engine import CTranslate2Engine
+
+    engine = CTranslate2Engine.from_model(model_id, device=device, compute_type=compute_type or "auto")
+    model_dir = engine.model_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = None
+    if (model_dir / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    codec = PromptCodec(tokenizer, prompt_format, model_dir=str(model_dir), eos_token_ids=eos)
+    if engine.context_window is None and tokenizer.model_max_length < 1_000_000:
+        engine._context_window = tokenizer.model_max_length
+    return DollyRuntime(codec, engine)
