@@ -2,7 +2,9 @@
 
 - :mod:`dolly_langchain.prompts`: Dolly's prompt format (one source of truth) and LangChain prompt templates.
 - :mod:`dolly_langchain.pipeline`: ``InstructionTextGenerationPipeline``, a drop-in for Dolly's hub pipeline.
-- :mod:`dolly_langchain.llm`: ``DollyLLM``, the LangChain LLM.
+- :mod:`dolly_langchain.llm`: ``DollyLLM``, the LangChain LLM; :mod:`dolly_langchain.chat`: ``ChatDolly``, the chat model.
+- :mod:`dolly_langchain.engines`: the generation engines (transformers, CTranslate2) and the batching scheduler.
+- :mod:`dolly_langchain.codec`: prompt building, control-token-safe encoding and response extraction.
 - :mod:`dolly_langchain.chains`: LCEL chains for an instruction and an instruction with context.
 - :mod:`dolly_langchain.models`: loading hub/local models and the embedded SmolLM2-135M-Instruct.
 - :mod:`dolly_langchain.rag`: a persistent document index (a LangChain retriever) and ``retrieval_qa_chain``.
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DollyLLM": "dolly_langchain.llm",
+    "ChatDolly": "dolly_langchain.chat",
     "InstructionTextGenerationPipeline": "dolly_langchain.pipeline",
     "instruction_chain": "dolly_langchain.chains",
     "instruction_with_context_chain": "dolly_langchain.chains",

@@ -121,6 +121,21 @@ class InstructionTextGenerationPipeline(Pipeline):
     def decode_response(self, new_ids, stop_sequences=None) -> str:
         return self.codec.decode_response(new_ids, stop_sequences)
 
+    def generate_kwargs(self, stop_sequences=None, **options: Any) -> dict:
+        """``model.generate`` arguments for these options (stop tokens, pad token, stop strings, sampling), for
+        calling ``self.model.generate`` directly; the pipeline itself generates through ``self.engine``."""
+        kwargs = {**self._forward_params, **options}
+        stop_sequences = kwargs.pop("stop_sequences", None) if stop_sequences is None else stop_sequences
+        if not kwargs.get("do_sample", False):
+            for key in ("temperature", "top_p", "top_k"):
+                kwargs.pop(key, None)
+        stop_strings = self.stop_strings(stop_sequences)
+        if stop_strings:
+            kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
+        kwargs.setdefault("eos_token_id", self.stop_token_ids)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return kwargs
+
     # -- transformers Pipeline protocol ------------------------------------------------------------------------
 
     def _sanitize_parameters(self, return_full_text: bool | None = None, stop_sequences=None, **generate_kwargs):
@@ -151,7 +166,11 @@ class InstructionTextGenerationPipeline(Pipeline):
         outputs = self.engine.generate(
             prompts, options, self.stop_token_ids, lambda row, token, _: watchers[row].push(token)[1], **extra
         )
-        return {"generated_ids": [o.token_ids for o in outputs], "instruction_text": model_inputs["instruction_text"]}
+        # One tensor row per prompt (the Pipeline machinery splits batches by tensor rows), padded with a stop id.
+        width = max(1, max(len(o.token_ids) for o in outputs))
+        fill = self.stop_token_ids[0] if self.stop_token_ids else self.tokenizer.pad_token_id
+        generated = torch.tensor([o.token_ids + [fill] * (width - len(o.token_ids)) for o in outputs])
+        return {"generated_ids": generated, "instruction_text": model_inputs["instruction_text"]}
 
     def postprocess(self, model_outputs: dict, return_full_text: bool = False, stop_sequences=None) -> list[dict]:
         response = self.decode_response(model_outputs["generated_ids"][0], stop_sequences)

@@ -161,7 +161,8 @@ def load_runtime(
     """Load a model (hub id, local directory, ``None`` for the embedded one) on an engine.
 
     ``engine=None`` or ``"auto"``: ``"ctranslate2"`` for the embedded model when the ctranslate2 package is
-    installed and no transformers-only option is given, ``"transformers"`` otherwise. ``compute_type`` and
+    installed and no transformers-only option is given, or when a ``compute_type`` is named; ``"transformers"``
+    otherwise. ``compute_type`` and
     ``device`` ("cpu" or "cuda") choose how CTranslate2 runs; ``dtype``, ``device_map``, ``quantization_config``
     and ``model_kwargs`` go to transformers' ``from_pretrained``.
     """
@@ -171,6 +172,8 @@ def load_runtime(
                             ("model_kwargs", model_kwargs))
         if value
     }
+    if engine in (None, "auto") and compute_type not in (None, "auto"):
+        engine = "ctranslate2"  # a compute type only means something to CTranslate2
     engine = resolve_engine(engine, model_id, transformers_only)
     if engine == "ctranslate2":
         if transformers_only:

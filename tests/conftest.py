@@ -197,3 +197,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 __all__ = ["MEMORIZED", "format_prompt", "memorize", "tiny_gptj", "tiny_neox"]
+
+
+@pytest.fixture(scope="session")
+def ct2_cache(tmp_path_factory):
+    """Keep CTranslate2 conversions of the tiny test models out of the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DOLLY_LANGCHAIN_CACHE", str(tmp_path_factory.mktemp("dolly-cache")))
+    yield
+    mp.undo()

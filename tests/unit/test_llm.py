@@ -21,12 +21,9 @@ ENGINES = [
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def llm(request, memorized_neox_dir, tmp_path_factory):
+def llm(request, memorized_neox_dir, ct2_cache):
     if request.param["engine"] == "ctranslate2":
         pytest.importorskip("ctranslate2")
-        mp = pytest.MonkeyPatch()
-        mp.setenv("DOLLY_LANGCHAIN_CACHE", str(tmp_path_factory.mktemp("ct2-cache")))
-        request.addfinalizer(mp.undo)
     return DollyLLM.from_model_id(
         str(memorized_neox_dir), do_sample=False, max_new_tokens=40, batch_size=4, **request.param
     )
