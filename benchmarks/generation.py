@@ -1,24 +1,32 @@
-"""Generation throughput: one prompt at a time vs ``DollyLLM.batch`` vs raw batched ``model.generate``.
+"""Generation throughput across engines, batching of concurrent calls, and the quality cost of int8.
 
-    python benchmarks/generation.py                      # embedded SmolLM2-135M-Instruct, 48 dolly instructions
-    python benchmarks/generation.py --num-prompts 64 --max-new-tokens 64 --batch-size 16
+    python benchmarks/generation.py                 # embedded SmolLM2-135M-Instruct, dolly-15k prompts, greedy
+    python benchmarks/generation.py --max-new-tokens 64 --batch-size 16 --single-prompts 8 --quality-prompts 50
 
-Prints one JSON object. All three paths run on the same model, prompts (the same token ids, in the model's own
-format) and greedy settings in one process; each counts the tokens it really generated (up to and including the
-first stop token of each row), so padding rows and the idle tail of a batch do not count.
+Prints one JSON object. Every run uses the same model, the same prompts (dolly-15k instructions rendered with
+Dolly's templates, as a chain passes them to the LLM; the same token ids on every engine), greedy decoding and
+the same ``max_new_tokens``, in one process. Generated tokens are counted per response up to and including
+the stop token, so idle rows of a batch do not count.
 
-- ``single``: ``DollyLLM.invoke`` on each prompt in turn;
-- ``batched``: ``DollyLLM.batch`` over all prompts (``--batch-size`` per ``generate`` call);
-- ``raw_generate``: the same prompts, in the data's order, left-padded into batches of ``--batch-size`` and fed to
-  ``model.generate`` directly: what a user gets from transformers alone.
+- ``engines``: ``DollyLLM`` on transformers (fp32, today's reference), CTranslate2 int8 and CTranslate2 float32:
+  ``batch1`` is ``invoke`` on each of ``--single-prompts`` prompts in turn, ``batch16`` one ``batch`` call of
+  ``--batch-size`` prompts;
+- ``concurrency``: on the default engine, ``--batch-size`` concurrent ``ainvoke`` calls (``asyncio.gather``)
+  against one ``batch`` call of the same prompts, and how many concurrent answers equal each prompt alone;
+- ``llamacpp``: when ``xllamacpp`` is installed, llama.cpp on the shipped Q4_1 GGUF, one prompt at a time
+  (``benchmarks/llamacpp_reference.py``), as the outside reference;
+- ``int8_quality``: ROUGE-L F1 (``rouge-score``) of CTranslate2 int8 answers against fp32 answers on
+  ``--quality-prompts`` instructions, and how many are identical.
 
-Targets on a 2-core CPU: batched/single >= 6 and batched/raw_generate >= 0.9 in generated tokens/s.
+Targets on a 2-core CPU: ctranslate2 batch 1 >= 3x transformers batch 1; ctranslate2 batch 16 >= 2x llama.cpp
+one at a time; concurrent ainvoke >= 0.8x one batch call, in generated tokens/s.
 Instructions come from databricks-dolly-15k (``--data``, default ``$DOLLY_15K_PATH``); none are stored here.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -26,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,9 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=os.environ.get("DOLLY_15K_PATH"),
                         help="databricks-dolly-15k.jsonl (default: $DOLLY_15K_PATH)")
     parser.add_argument("--model", default=None, help="hub id or directory (default: the embedded SmolLM2)")
-    parser.add_argument("--num-prompts", type=int, default=48, help="instructions sampled from the data (32-64)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--single-prompts", type=int, default=8, help="prompts run one at a time per engine")
+    parser.add_argument("--quality-prompts", type=int, default=50, help="prompts for int8 vs fp32 ROUGE-L (0: skip)")
     parser.add_argument("--max-context-chars", type=int, default=1000,
                         help="skip records whose context is longer, so prompts stay chat-sized")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,97 +72,131 @@ def load_prompts(path: Path, count: int, max_context_chars: int, seed: int) -> l
     return prompts
 
 
-class GeneratedTokenCounter:
-    """Wraps ``model.generate`` to count generated tokens per row up to and including the first stop token."""
+class TokenCounter:
+    """Wraps an engine's ``generate`` to count generated tokens per row, the stop token included."""
 
-    def __init__(self, model, stop_ids: list[int]):
-        self.model, self.stop_ids, self.tokens, self.calls = model, set(stop_ids), 0, 0
-        self.original = model.generate
+    def __init__(self, engine, max_new_tokens: int):
+        self.engine, self.max_new_tokens = engine, max_new_tokens
+        self.tokens = self.batches = 0
+        self.original = engine.generate
 
     def __enter__(self):
-        def counting_generate(*args, **kwargs):
-            out = self.original(*args, **kwargs)
-            prompt_len = kwargs["input_ids"].shape[1]
-            for row in out[:, prompt_len:].tolist():
-                end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
-                self.tokens += end
-            self.calls += 1
-            return out
+        def counting(prompts, *args, **kwargs):
+            outputs = self.original(prompts, *args, **kwargs)
+            # A row shorter than max_new_tokens ended at a stop token, which it generated too.
+            self.tokens += sum(len(o.token_ids) + (len(o.token_ids) < self.max_new_tokens) for o in outputs)
+            self.batches += 1
+            return outputs
 
-        self.model.generate = counting_generate
+        self.engine.generate = counting
+        self.tokens = self.batches = 0
         return self
 
     def __exit__(self, *exc):
-        self.model.generate = self.original
+        self.engine.generate = self.original
 
 
-def run_single(llm, prompts, counter) -> dict:
-    start = time.perf_counter()
-    with counter:
-        outputs = [llm.invoke(p) for p in prompts]
-    return _result(counter, time.perf_counter() - start, outputs)
+def timed(llm, max_new_tokens: int, run) -> tuple[dict, list[str]]:
+    with TokenCounter(llm.engine, max_new_tokens) as counter:
+        start = time.perf_counter()
+        outputs = run()
+        seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 2), "generated_tokens": counter.tokens, "engine_batches": counter.batches,
+            "tokens_per_s": round(counter.tokens / seconds, 2)}, outputs
 
 
-def run_batched(llm, prompts, counter) -> dict:
-    start = time.perf_counter()
-    with counter:
-        outputs = llm.batch(prompts)
-    return _result(counter, time.perf_counter() - start, outputs)
+def bench_engine(llm, single: list[str], batch: list[str], max_new_tokens: int) -> dict:
+    llm.invoke(single[0], max_new_tokens=4)  # warm-up: first-call allocations
+    batch1, _ = timed(llm, max_new_tokens, lambda: [llm.invoke(p) for p in single])
+    batch16, _ = timed(llm, max_new_tokens, lambda: llm.batch(batch))
+    return {**llm.engine.describe(), "batch1": batch1, "batch16": batch16}
 
 
-def run_raw_generate(llm, prompts, batch_size: int, max_new_tokens: int, counter) -> dict:
-    pipe = llm.pipeline
-    encoded = [pipe.encode_prompt(p) for p in prompts]
-    start = time.perf_counter()
-    with counter:
-        for i in range(0, len(encoded), batch_size):
-            batch = encoded[i : i + batch_size]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.tensor([[pipe.tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in batch])
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-            with torch.inference_mode():
-                pipe.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                    max_new_tokens=max_new_tokens, eos_token_id=pipe.stop_token_ids,
-                                    pad_token_id=pipe.tokenizer.pad_token_id)
-    return _result(counter, time.perf_counter() - start, None)
+def bench_concurrency(llm, prompts: list[str], max_new_tokens: int) -> dict:
+    async def gather():
+        return await asyncio.gather(*(llm.ainvoke(p) for p in prompts))
+
+    batch, batch_out = timed(llm, max_new_tokens, lambda: llm.batch(prompts))
+    concurrent, concurrent_out = timed(llm, max_new_tokens, lambda: asyncio.run(gather()))
+    alone = [llm.invoke(p) for p in prompts]
+    return {
+        **llm.engine.describe(),
+        "one_batch_call": batch,
+        "concurrent_ainvoke": concurrent,
+        "concurrent_over_batch": round(concurrent["tokens_per_s"] / batch["tokens_per_s"], 2),
+        "concurrent_equal_batch": sum(a == b for a, b in zip(concurrent_out, batch_out)),
+        "concurrent_equal_alone": sum(a == b for a, b in zip(concurrent_out, alone)),
+        "calls": len(prompts),
+    }
 
 
-def _result(counter, seconds: float, outputs) -> dict:
-    result = {"seconds": round(seconds, 2), "generated_tokens": counter.tokens, "generate_calls": counter.calls,
-              "tokens_per_s": round(counter.tokens / seconds, 2)}
-    counter.tokens = counter.calls = 0
-    if outputs is not None:
-        result["empty_responses"] = sum(1 for o in outputs if not o)
-    return result
+def int8_quality(fp32_llm, int8_llm, prompts: list[str]) -> dict:
+    from rouge_score import rouge_scorer
+
+    reference = fp32_llm.batch(prompts)
+    candidate = int8_llm.batch(prompts)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(ref, cand)["rougeL"].fmeasure for ref, cand in zip(reference, candidate)]
+    return {
+        "prompts": len(prompts),
+        "reference": fp32_llm.engine.describe(),
+        "rougeL_f1_mean": round(sum(scores) / len(scores), 4),
+        "rougeL_f1_median": round(sorted(scores)[len(scores) // 2], 4),
+        "identical_answers": sum(a == b for a, b in zip(reference, candidate)),
+    }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
+    from dolly_langchain.engines.ctranslate2_engine import available as ct2_available
     from dolly_langchain.llm import DollyLLM
 
-    prompts = load_prompts(args.data, args.num_prompts, args.max_context_chars, args.seed)
-    llm = DollyLLM.from_model_id(args.model, do_sample=False, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size)
-    counter = GeneratedTokenCounter(llm.pipeline.model, llm.pipeline.stop_token_ids)
-    llm.invoke(prompts[0], max_new_tokens=4)  # warm-up: first-call allocations and lazy init
-    counter.tokens = counter.calls = 0
-    single = run_single(llm, prompts, counter)
-    batched = run_batched(llm, prompts, counter)
-    raw = run_raw_generate(llm, prompts, args.batch_size, args.max_new_tokens, counter)
-    report = {
-        "model": llm.model_id,
-        "prompt_format": llm.pipeline.prompt_format,
-        "num_prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size,
-        "torch_threads": torch.get_num_threads(),
-        "single": single,
-        "batched": batched,
-        "raw_generate": raw,
-        "batched_over_single": round(batched["tokens_per_s"] / single["tokens_per_s"], 2),
-        "batched_over_raw_generate": round(batched["tokens_per_s"] / raw["tokens_per_s"], 2),
-        "targets": {"batched_over_single": 6.0, "batched_over_raw_generate": 0.9},
-    }
+    needed = max(args.batch_size, args.single_prompts, args.quality_prompts)
+    prompts = load_prompts(args.data, needed, args.max_context_chars, args.seed)
+    single, batch = prompts[: args.single_prompts], prompts[: args.batch_size]
+    options = {"do_sample": False, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+
+    report: dict = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "max_new_tokens": args.max_new_tokens,
+                    "batch_size": args.batch_size, "single_prompts": len(single), "torch_threads": torch.get_num_threads(),
+                    "cpu_count": os.cpu_count(), "engines": {}}
+    llms = {"transformers": DollyLLM.from_model_id(args.model, engine="transformers", **options)}
+    if ct2_available():
+        for compute_type in ("int8", "float32"):
+            started = time.perf_counter()
+            llms[f"ctranslate2_{compute_type}"] = DollyLLM.from_model_id(
+                args.model, engine="ctranslate2", compute_type=compute_type, **options)
+            report[f"ctranslate2_{compute_type}_load_seconds"] = round(time.perf_counter() - started, 2)
+    for name, llm in llms.items():
+        report["engines"][name] = bench_engine(llm, single, batch, args.max_new_tokens)
+    default = DollyLLM.from_model_id(args.model, **options) if args.model is None else llms["transformers"]
+    report["default_engine"] = default.engine.describe()
+    report["concurrency"] = bench_concurrency(default, batch, args.max_new_tokens)
+
+    import llamacpp_reference
+
+    if args.model is None and llamacpp_reference.available():
+        messages = [[{"role": "user", "content": p}] for p in single]
+        result = llamacpp_reference.run_llamacpp(messages, args.max_new_tokens)
+        report["llamacpp"] = {k: v for k, v in result.items() if k != "responses"}
+    if args.quality_prompts and "ctranslate2_int8" in llms:
+        report["int8_quality"] = int8_quality(llms["transformers"], llms["ctranslate2_int8"],
+                                              prompts[: args.quality_prompts])
+
+    engines = report["engines"]
+    ratios = {}
+    ct2 = engines.get(f"ctranslate2_{default.engine.describe().get('compute_type', '')}")
+    if ct2:
+        ratios["ctranslate2_b1_over_transformers_b1"] = round(
+            ct2["batch1"]["tokens_per_s"] / engines["transformers"]["batch1"]["tokens_per_s"], 2)
+        if "llamacpp" in report:
+            ratios["ctranslate2_b16_over_llamacpp_b1"] = round(
+                ct2["batch16"]["tokens_per_s"] / report["llamacpp"]["tokens_per_s"], 2)
+    ratios["concurrent_over_batch"] = report["concurrency"]["concurrent_over_batch"]
+    report["ratios"] = ratios
+    report["targets"] = {"ctranslate2_b1_over_transformers_b1": 3.0, "ctranslate2_b16_over_llamacpp_b1": 2.0,
+                         "concurrent_over_batch": 0.8}
     print(json.dumps(report, indent=2))
     return 0
 
