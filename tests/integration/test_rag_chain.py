@@ -46,7 +46,7 @@ def llm():
         embedded_gguf_path()
     except ModelNotFoundError as err:
         pytest.skip(str(err))
-    return DollyLLM.from_model_id(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return DollyLLM.from_model_id(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, engine="transformers")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def index(llm, files, tmp_path_factory):
-    index = DocumentIndex(path=tmp_path_factory.mktemp("index") / "docs.sqlite", tokenizer=llm.pipeline.tokenizer, k=2)
+    index = DocumentIndex(path=tmp_path_factory.mktemp("index") / "docs.sqlite", tokenizer=llm.tokenizer, k=2)
     report = index.add_paths([files])
     assert len(report.added) == 3 and not report.failed
     return index
@@ -75,7 +75,7 @@ def _long_context(llm, tokens: int) -> str:
 
 
 def test_a_10k_token_context_raises_instead_of_a_warning(llm, monkeypatch):
-    monkeypatch.setattr(llm.pipeline.model, "generate", lambda *a, **k: pytest.fail("generated past the window"))
+    monkeypatch.setattr(llm.engine, "generate", lambda *a, **k: pytest.fail("generated past the window"))
     assert llm.context_window == 8192
     prompt = INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction="Summarize the report.", context=_long_context(llm, 10_000))
     tokens = llm.count_prompt_tokens(prompt)
