@@ -65,18 +65,6 @@ class ChatDolly(DollyModelFields, BaseChatModel):
     def _llm_type(self) -> str:
         return "dolly-chat"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self._params()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "dolly_langchain"
-        params["ls_model_name"] = self.model_id
-        params["ls_max_tokens"] = kwargs.get("max_new_tokens", self.max_new_tokens)
-        params["ls_engine"] = self.engine.name
-        return params
-
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any):
         raise NotImplementedError(
             "ChatDolly does not support tool calling: Dolly-style models were not trained to call tools. "
@@ -85,11 +73,6 @@ class ChatDolly(DollyModelFields, BaseChatModel):
 
     def get_num_tokens(self, text: str) -> int:
         return self.codec.count_tokens(text)
-
-    def get_token_ids(self, text: str) -> list[int]:
-        if self.custom_get_token_ids is not None:
-            return self.custom_get_token_ids(text)
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
     def count_prompt_tokens(self, messages: Sequence[BaseMessage]) -> int:
         """Tokens the model reads for this conversation once rendered in its format."""

@@ -119,6 +119,30 @@ class DollyModelFields(BaseModel):
         """Most tokens (prompt + response) the model attends over; ``None`` if the model does not say."""
         return self.runtime.context_window
 
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self._params()
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
+        params = super()._get_ls_params(stop=stop, **kwargs)  # BaseLLM's or BaseChatModel's, next in the MRO
+        params["ls_provider"] = "dolly_langchain"
+        params["ls_model_name"] = self.model_id
+        params["ls_max_tokens"] = kwargs.get("max_new_tokens", self.max_new_tokens)
+        params["ls_prompt_format"] = self.prompt_format
+        params["ls_engine"] = self.engine.name
+        return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the model's own tokenizer.
+
+        LangChain's default downloads the ``gpt2`` tokenizer from the hub (minutes of retries offline). Control
+        strings in ``text`` (``### End``, ``<|im_end|>``) count as the plain text the model would read them as.
+        ``custom_get_token_ids``, when set, is used instead, as in every LangChain model.
+        """
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
     def _params(self) -> dict[str, Any]:
         return {
             "model_id": self.model_id,

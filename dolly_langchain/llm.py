@@ -55,31 +55,7 @@ class DollyLLM(DollyModelFields, BaseLLM):
     def _llm_type(self) -> str:
         return "dolly"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self._params()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "dolly_langchain"
-        params["ls_model_name"] = self.model_id
-        params["ls_max_tokens"] = kwargs.get("max_new_tokens", self.max_new_tokens)
-        params["ls_prompt_format"] = self.prompt_format
-        params["ls_engine"] = self.engine.name
-        return params
-
     # -- tokens ----------------------------------------------------------------------------------------------
-
-    def get_token_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the model's own tokenizer.
-
-        LangChain's default downloads the ``gpt2`` tokenizer from the hub (minutes of retries offline). Control
-        strings in ``text`` (``### End``, ``<|im_end|>``) count as the plain text the model would read them as.
-        ``custom_get_token_ids``, when set, is used instead, as in every LangChain model.
-        """
-        if self.custom_get_token_ids is not None:
-            return self.custom_get_token_ids(text)
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
     def count_prompt_tokens(self, prompt: str) -> int:
         """Tokens the model reads for ``prompt`` once wrapped in its format (Dolly's text or the chat template)."""
