@@ -42,7 +42,8 @@ def available() -> bool:
     return True
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """llama.cpp's usual choice: every CPU this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -74,7 +75,7 @@ def run_llamacpp(
     gguf = Path(gguf)
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF not found: {gguf}")
-    n_threads = int(threads) if threads else _default_threads()
+    n_threads = int(threads) if threads else default_threads()
 
     params = xlc.CommonParams()
     params.model.path = str(gguf)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import MEMORIZED
 from dolly_langchain.codec import PromptCodec
-from dolly_langchain.engines.base import EngineOutput, GenerationEngine, RowTracker, SamplingOptions
+from dolly_langchain.engines.base import EngineOutput, GenerationEngine, RowTracker, SamplingOptions, length_groups
 from dolly_langchain.llm import DollyLLM
 from dolly_langchain.runtime import DollyRuntime
 
@@ -277,3 +277,43 @@ def test_engine_option_errors_are_clear(memorized_neox_dir, ct2_cache):
 def test_sampling_runs_on_both_engines(llm):
     text = llm.invoke(FRANCE[0], do_sample=True, temperature=0.7, top_p=0.9, top_k=20)
     assert isinstance(text, str)
+
+
+def test_length_groups_split_only_where_padding_costs_more_than_a_second_loop():
+    # Thirteen questions and three long RAG prompts (prompt lengths of benchmarks/generation.py's batch).
+    lengths = [40, 259, 36, 177, 37, 38, 39, 42, 44, 47, 191, 49, 49, 60, 67, 36]
+    groups = length_groups(lengths, max_new_tokens=64, step_cost=16)
+    assert sorted(len(g) for g in groups) == [3, 13]
+    assert sorted(lengths[i] for i in groups[-1]) == [177, 191, 259]
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert length_groups([10, 12, 14, 30], 64, 16) == [[0, 1, 2, 3]]      # similar lengths stay one batch
+    assert length_groups([10, 500], 64, 10_000) == [[0, 1]]                # a costly loop is never worth it
+    assert length_groups([], 64, 16) == []
+
+
+def test_ctranslate2_rows_of_very_different_lengths_run_apart_and_come_back_in_order(
+    memorized_neox_dir, ct2_cache, monkeypatch
+):
+    pytest.importorskip("ctranslate2")
+    fast = DollyLLM.from_model_id(str(memorized_neox_dir), engine="ctranslate2", compute_type="float32",
+                                  do_sample=False, max_new_tokens=8)
+    codec, engine = fast.codec, fast.engine
+    long_prompt = codec.encode_prompt(" ".join([CONTEXT_PROMPT] * 12))
+    prompts = [codec.encode_prompt(FRANCE[0]), long_prompt, codec.encode_prompt(COLOR[0])]
+    options = SamplingOptions(max_new_tokens=8)
+    calls = []
+    generate_batch = engine.generator.generate_batch
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(engine.generator, name)
+
+        def generate_batch(self, tokens, **kwargs):
+            calls.append(len(tokens))
+            return generate_batch(tokens, **kwargs)
+
+    alone = [engine.generate([p], options, codec.stop_token_ids)[0].token_ids for p in prompts]
+    monkeypatch.setattr(engine, "generator", Spy())
+    together = [out.token_ids for out in engine.generate(prompts, options, codec.stop_token_ids)]
+    assert together == alone
+    assert sorted(calls) == [1, 2]
