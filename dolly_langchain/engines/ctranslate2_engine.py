@@ -5,9 +5,11 @@
 
 Compute types (``compute_type=``): ``"auto"`` (the default) picks ``int8`` on CPU and ``int8_float16`` on CUDA
 (``float16`` where the GPU has no int8 kernels). On a 2-core AMD CPU, CTranslate2 leaves Intel MKL off and uses
-oneDNN; there int8 measured 35-51 tok/s at batch 1 against 23-44 for float32 depending on load and
-``intra_threads``, and ``CT2_USE_MKL=1`` made both slower. int8 changes greedy outputs (ROUGE-L 0.54 against fp32
-on 8 prompts) and makes them depend on batch composition; use ``compute_type="float32"`` for reference outputs.
+oneDNN; there int8 ran at 48 tok/s at batch 1 against 24 for float32 and 18 for transformers fp32
+(``benchmarks/generation.py``, one run), and ``CT2_USE_MKL=1`` made both slower. int8 changes greedy outputs
+(ROUGE-L F1 0.52 against fp32 answers on 50 dolly-15k instructions, 5 identical) and makes them depend on batch
+composition: padding a short prompt to a long one changes int8 rounding. Use ``compute_type="float32"`` for
+reference outputs; float32 batches equal lone calls token for token.
 
 CTranslate2's Python API takes token *strings*. Each id is mapped to its string in the converted model's own
 vocabulary, which is checked to hold each string once, so the ids reaching the model are exactly the ids the
@@ -64,9 +66,9 @@ def default_intra_threads(device: str) -> int:
 
     CTranslate2's own default (0) lets OpenMP use every CPU. For a model as small as SmolLM2-135M the per-step
     matrices are tiny and the threads spend more time synchronising than computing: on the 2-vCPU machine this
-    project is developed on, int8 ran at 50.6 tok/s (batch 1) and 240 tok/s (batch 16) with one thread against
-    33.6 / 159 with the default (``python benchmarks/generation.py``, one run). Half the CPUs also keeps one
-    hyper-thread sibling per core free. Pass ``intra_threads=`` (or ``DOLLY_CT2_THREADS``) to override.
+    project is developed on, int8 ran at 50.6 tok/s (batch 1) and 240 tok/s (batch 16 short prompts, 64 new
+    tokens) with one thread against 33.6 / 159 with the default and 37.0 / 190 with two (one run of a bare
+    ``ctranslate2.Generator``). Half the CPUs also keeps one hyper-thread sibling per core free. Pass ``intra_threads=`` (or ``DOLLY_CT2_THREADS``) to override.
     """
     if device != "cpu":
         return 0  # CTranslate2's default; threads only matter for CPU compute
