@@ -102,20 +102,79 @@ def _load_gguf_as_plain_model(gguf: Path):
 
 
 def resolve_model_path(model_id: str | None) -> str:
-    """Turn ``None`` (the embedded model), a local directory or a hub id into what ``from_pretrained`` takes."""
+    """Turn ``None`` (the embedded model), a local directory or a hub id into what ``from_pretrained`` takes.
+
+    A local directory may be a model (``config.json``), a LoRA adapter (PEFT's ``adapter_config.json``; see
+    :func:`load_lora_adapter`), or a ``dolly-finetune`` run directory, which resolves to its final ``model/``
+    (a run directory made before the root linked to ``model/`` has only that). This is the one place that knows
+    the run-directory layout: ``DollyLLM``, ``dolly`` and ``dolly-eval`` all resolve through it.
+    """
     if model_id is None:
         return str(embedded_model_path())
     path = Path(model_id).expanduser()
     if path.exists():
-        # A dolly-finetune run directory keeps its finished model in model/ beside the checkpoints.
-        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-            return str(path / "model")
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{model_id} is a local path but holds no model (no config.json in it)")
+        if _is_run_dir(path):
+            return str(path / RUN_DIR_FINAL_MODEL)
+        if not _holds_model(path):
+            raise ModelNotFoundError(
+                f"{model_id} is a local path but holds no model (no config.json or adapter_config.json in it); a "
+                "dolly-finetune run directory holds one only once the run has finished"
+            )
         return str(path)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise ModelNotFoundError(f"model directory {model_id} does not exist")
     return model_id
+
+
+RUN_DIR_FINAL_MODEL = "model"  # dolly-finetune writes the final model to RUN_DIR/model (finetune.train)
+
+
+def _holds_model(path: Path) -> bool:
+    return (path / "config.json").is_file() or is_lora_adapter(path)
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A finished run directory: a model in model/, and no model files of the root's own (only links to model/)."""
+    own = [path / name for name in ("config.json", "adapter_config.json")]
+    return _holds_model(path / RUN_DIR_FINAL_MODEL) and not any(p.is_file() and not p.is_symlink() for p in own)
+
+
+def is_lora_adapter(path: str | Path) -> bool:
+    """A PEFT LoRA adapter directory (adapter_config.json, no full model of its own)."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def load_lora_adapter(adapter_dir: str | Path, **model_kwargs: Any):
+    """Load a LoRA adapter's base model, apply the adapter and merge it in: ``(plain transformers model, tokenizer)``.
+
+    The base is ``base_model_name_or_path`` of adapter_config.json (a hub id or a local directory), loaded with
+    ``model_kwargs``; its embeddings are resized to the adapter's tokenizer first (a dolly-finetune adapter adds
+    Dolly's three tokens, and PEFT stores their rows), then PEFT's ``merge_and_unload`` folds the adapter in.
+    """
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    base = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ModelNotFoundError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    base_path = resolve_model_path(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir if _has_tokenizer(adapter_dir) else base_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(f"LoRA adapter {adapter_dir}: {_explain_load_error(base_path, err)}") from err
+    if model.get_input_embeddings().num_embeddings != len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return model, tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file()
 
 
 def load_model_and_tokenizer(model_id: str | None = None, **model_kwargs: Any):
@@ -128,6 +187,10 @@ def load_model_and_tokenizer(model_id: str | None = None, **model_kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_id)
+    if is_lora_adapter(path):
+        model, tokenizer = load_lora_adapter(path, **model_kwargs)
+        model.eval()
+        return model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)

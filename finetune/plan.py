@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Plan flags first; everything else is read by ``dolly-finetune``'s own parser (presets included)."""
-    from finetune.train import FinetuneError
-    from finetune.train import parse_args as parse_train_args
+    from finetune.common import FinetuneError
+    from finetune.common import parse_args as parse_train_args
 
     parser = argparse.ArgumentParser(
         prog="dolly-finetune plan",
@@ -146,7 +146,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace) -> dict:
     """All the numbers, as a JSON-ready dict (sizes in GiB)."""
-    from finetune.train import model_max_length
+    from finetune.common import model_max_length
 
     config, config_source = load_model_config(args.input_model)
     total_params, largest_layer = count_parameters(config)

@@ -41,6 +41,7 @@ removes most of the padding of Dolly's random batches without changing the recor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -48,138 +49,32 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune.data import DEFAULT_TRAINING_DATASET, BadRecordError
+from finetune import common
+from finetune.common import (  # noqa: F401  (re-exported: the public names of dolly-finetune)
+    DEFAULT_INPUT_MODEL,
+    DEFAULT_SEED,
+    FinetuneError,
+    lora_target_modules,
+    model_max_length,
+)
+from finetune.data import BadRecordError
 
 logger = logging.getLogger("finetune")
 
-DEFAULT_INPUT_MODEL = "EleutherAI/pythia-6.9b"  # Dolly v2's default (dolly-v2-7b)
-DEFAULT_SEED = 42
 FINAL_MODEL_DIR = "model"
-
-
-class FinetuneError(RuntimeError):
-    """A problem with the flags, files or run directory; the message names it and the fix."""
+ADAPTER_DIR = "adapter"  # inside the final model directory when --merge-lora writes the merged model beside it
 
 
 # --- Command line -----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``dolly-finetune`` flags; ``--preset NAME`` turns a preset's values into defaults (flags win)."""
-    from finetune.presets import PRESETS, deepspeed_config_path
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    known, _ = pre.parse_known_args(argv)
-    parser = _build_parser(PRESETS)
-    if known.preset:
-        unknown = set(PRESETS[known.preset]) - {action.dest for action in parser._actions}
-        if unknown:
-            raise FinetuneError(
-                f"preset {known.preset!r} sets unknown options {sorted(unknown)}: fix finetune/presets.py."
-            )
-        parser.set_defaults(**PRESETS[known.preset])
-    args = parser.parse_args(argv)
-    if args.deepspeed:
-        try:
-            args.deepspeed = str(deepspeed_config_path(args.deepspeed))
-        except FileNotFoundError as err:
-            raise FinetuneError(str(err)) from None
-    return args
-
-
-def _test_size(value: str) -> int | float:
-    """A count when an integer ("1000"), a ratio when a float ("0.05")."""
-    try:
-        size = int(value)
-    except ValueError:
-        try:
-            size = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a count (1000) or a ratio (0.05), got {value!r}") from None
-        if not 0 < size < 1:
-            raise argparse.ArgumentTypeError(f"a ratio must be between 0 and 1, got {value}") from None
-    if size < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return size
-
-
-def _resume(value: str) -> str:
-    return value if value == "auto" else str(Path(value).expanduser())
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Flag defaults in the help, and the epilog's launch commands kept as written."""
+    """Parse ``dolly-finetune`` flags (:func:`finetune.common.parse_args`, with the launch commands under --help)."""
+    return common.parse_args(argv, epilog=__doc__.split("\n\n", 1)[1])
 
 
 def _build_parser(presets: dict[str, dict]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dolly-finetune",
-        description="Fine-tune a causal LM with Databricks' Dolly recipe (TRL SFTTrainer, optional DeepSpeed).",
-        epilog=__doc__.split("\n\n", 1)[1],  # the launch commands, run directory layout and defaults
-        formatter_class=_HelpFormatter,
-    )
-    add = parser.add_argument
-    add("--preset", choices=sorted(presets),
-        help="Start from one of Dolly's published runs (finetune/presets.py); flags given explicitly win.")
-    add("--input-model", default=DEFAULT_INPUT_MODEL, help="Hub id or local directory of the base model.")
-    add("--local-output-dir", required=True, help="Run directory: checkpoints, logs, and the final model/ in it.")
-    add("--export-dir", help="Also copy the final model here (Dolly's DBFS copy), e.g. a shared or mounted path.")
-    add("--overwrite-output-dir", action="store_true",
-        help="Replace a finished model in --local-output-dir (and --export-dir), and discard old checkpoints.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--training-dataset", default=DEFAULT_TRAINING_DATASET,
-                      help="Hub dataset id, or a local .jsonl/.json/.parquet/.csv with instruction/context/response "
-                      "(Dolly) or instruction/input/output (Alpaca, dolly-v1) records.")
-    data.add_argument("--max-records", type=int, help="Use only the first N records of the dataset.")
-    data.add_argument("--skip-bad-records", action="store_true",
-                      help="Skip records with an empty instruction or response (and report how many) instead of "
-                      "stopping at the first one.")
-    data.add_argument("--test-size", type=_test_size, default=1000,
-                      help="Held-out evaluation records: a count (1000) or a ratio (0.05); 0 disables evaluation.")
-    data.add_argument("--max-length", type=int,
-                      help="Longest record in tokens; longer records are dropped. Default: the model's "
-                      "n_positions / max_position_embeddings / seq_length, else 1024.")
-    data.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                      help="Batch records of similar length (HF LengthGroupedSampler) so a batch carries little "
-                      "padding: same records per step as Dolly, so its warmup/eval/save step counts keep their "
-                      "meaning. --no-group-by-length is Dolly's exact recipe: random order, batches padded to a "
-                      "multiple of 8 (most of each batch is padding).")
-    data.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
-                      help="Instead, pack records into --max-length rows (TRL best-fit packing) and train on "
-                      "padding-free batches: fewer, fuller steps. Only fast with a variable-length attention kernel "
-                      "(FlashAttention on GPU); on CPU/SDPA each step attends over the whole flattened batch.")
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=3, help="Number of epochs.")
-    train.add_argument("--per-device-train-batch-size", type=int, default=8,
-                       help="Records per device per step (packed rows with --packing).")
-    train.add_argument("--per-device-eval-batch-size", type=int, default=8, help="Rows per device per eval step.")
-    train.add_argument("--lr", type=float, default=1e-5,
-                       help="Peak learning rate (AdamW; linear decay, or the --deepspeed config's scheduler).")
-    train.add_argument("--warmup-steps", type=int, default=0, help="Linear warmup steps.")
-    train.add_argument("--seed", type=int, default=DEFAULT_SEED, help="Seed for the data split, order and init.")
-    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                       help="Recompute activations in the backward pass: less memory, ~20%% slower.")
-    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                       help="bfloat16 mixed precision. Default: on where the GPU supports it, off on CPU.")
-    train.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False,
-                       help="float16 mixed precision with loss scaling, for GPUs without bfloat16 (V100).")
-    train.add_argument("--deepspeed",
-                       help="DeepSpeed JSON config: a path, or a file name in finetune/configs/ (launch with the "
-                       "`deepspeed` launcher for several processes).")
-    train.add_argument("--local_rank", "--local-rank", type=int, default=-1,
-                       help="Set by the deepspeed launcher; do not pass it yourself.")
-    ckpt = parser.add_argument_group("logging and checkpoints")
-    ckpt.add_argument("--logging-steps", type=int, default=10, help="Log the loss every N steps.")
-    ckpt.add_argument("--eval-steps", type=int, default=50, help="Evaluate on the held-out records every N steps.")
-    ckpt.add_argument("--save-steps", type=int, default=400, help="Write a checkpoint every N steps.")
-    ckpt.add_argument("--save-total-limit", type=int, default=10, help="Keep at most N checkpoints.")
-    ckpt.add_argument("--resume-from-checkpoint", type=_resume,
-                      help="A checkpoint directory, or `auto` for the latest one in --local-output-dir (starts "
-                      "fresh when there is none).")
-    ckpt.add_argument("--report-to", default="tensorboard",
-                      help="Where to send logs: tensorboard, none, or any integration transformers knows.")
-    return parser
+    return common.build_parser(presets, epilog=__doc__.split("\n\n", 1)[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace) -> Path:
-    """Train, write ``<local-output-dir>/model`` atomically, copy it to ``--export-dir``; return the model dir."""
+    """Train, write the final model atomically (``RUN_DIR/model``, and ``RUN_DIR`` itself loads it), copy it to
+    ``--export-dir``; return ``RUN_DIR/model``."""
+    check_lora_flags(args)
     resume = check_run_dir(args)
     trainer = build_trainer(args, resume_from=resume)
     if trainer.is_world_process_zero() and args.overwrite_output_dir and resume is None:
@@ -212,13 +109,40 @@ def train(args: argparse.Namespace) -> Path:
     if resume:
         logger.info("Resuming from %s (a 'missing keys: lm_head.weight' warning is expected and harmless, see "
                     "_weights_source)", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    final = save_final_model(trainer, Path(args.local_output_dir))
+    with _mlflow_run(args, trainer) as tracking:
+        trainer.train(resume_from_checkpoint=resume)
+        final = save_final_model(trainer, Path(args.local_output_dir), merge_lora=args.merge_lora)
+        tracking(final)
     if args.export_dir and trainer.is_world_process_zero():
         _copy_atomically(final, Path(args.export_dir))
         logger.info("Copied the final model to %s", args.export_dir)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def check_lora_flags(args: argparse.Namespace) -> None:
+    """Refuse --load-in-4bit where it cannot run, and --report-to mlflow without MLflow, before anything is loaded
+    (the model alone takes minutes)."""
+    if "mlflow" in args.report_to:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise FinetuneError("--report-to mlflow needs MLflow: pip install 'dolly-langchain[mlflow]'.") from None
+    if not args.load_in_4bit:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FinetuneError(
+            "--load-in-4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on this machine. Drop "
+            "--load-in-4bit to train LoRA on the 16-bit base, or run on a GPU."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FinetuneError(
+            "--load-in-4bit (QLoRA) needs bitsandbytes: pip install 'dolly-langchain[qlora]'."
+        ) from None
 
 
 def check_run_dir(args: argparse.Namespace) -> str | None:
@@ -273,7 +197,6 @@ def build_trainer(args: argparse.Namespace, resume_from: str | None = None):
     ``resume_from`` (a checkpoint directory) is where the weights come from when a run is resumed.
     """
     from transformers import AutoConfig
-    from trl import SFTTrainer
 
     from finetune.data import add_dolly_special_tokens, build_dataset, load_records
 
@@ -293,13 +216,77 @@ def build_trainer(args: argparse.Namespace, resume_from: str | None = None):
     train_dataset, eval_dataset = split_dataset(dataset, args.test_size, args.seed)
     config = training_config(args, max_length, has_eval=eval_dataset is not None)
     # The model is loaded after the config: under ZeRO-3 the config makes from_pretrained shard it on load.
-    model = _load_model(_weights_source(args.input_model, resume_from), len(tokenizer))
-    return SFTTrainer(
+    source = args.input_model if args.lora else _weights_source(args.input_model, resume_from)
+    model = _load_model(source, len(tokenizer), load_in_4bit=args.load_in_4bit)
+    trainer_class = _lora_sft_trainer() if args.lora else _sft_trainer()
+    return trainer_class(
         model=model,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        peft_config=lora_config(args, model, tokenizer) if args.lora else None,
+    )
+
+
+def _sft_trainer():
+    from trl import SFTTrainer
+
+    return SFTTrainer
+
+
+def _lora_sft_trainer():
+    """TRL's SFTTrainer with the HF Trainer's loss, for LoRA runs.
+
+    TRL 1.16 computes the loss through a fused LM head that reads the output layer's ``weight`` and ``bias``
+    directly (``trl.trainer.utils.add_fused_lm_head``) instead of calling the layer. PEFT's trainable-token wrapper
+    on the output layer holds the trained rows of Dolly's tokens in its own parameter and applies them only when
+    called, so the fused head fails (no ``bias``) or would ignore those rows. The HF Trainer's loss calls the model
+    as usual: the same masked cross-entropy over the same labels (TRL's collator builds them), normalised by the
+    same token count, at the cost of materialising the logits (which ``dolly-finetune plan`` counts anyway).
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LoraSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {key: value for key, value in inputs.items() if key != "completion_mask"}
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return LoraSFTTrainer
+
+
+def lora_config(args: argparse.Namespace, model, tokenizer):
+    """PEFT's ``LoraConfig`` for ``--lora``: adapters on the projections, and Dolly's new tokens trainable.
+
+    Dolly's three keys are new tokens: their embedding rows and their output (LM head) rows start from the mean
+    embedding and must be learned, or the model never emits ``### End``. We train exactly those rows with PEFT's
+    ``trainable_token_indices`` rather than ``modules_to_save=[embeddings, lm_head]``: the latter trains (and
+    checkpoints, with Adam states) both full vocab x hidden matrices, 0.5B parameters and ~8 GiB of optimizer
+    state on pythia-12b, which is what rules out one 24 GB GPU; ``trainable_token_indices`` trains 3 rows each.
+    Tied embeddings (Llama, SmolLM2): one list on the input embedding, and PEFT ties the LM head to it. Untied
+    (GPT-NeoX ``embed_out``, GPT-J ``lm_head``): the same rows of both, named explicitly (peft>=0.21 wraps a
+    Linear output layer too).
+    """
+    from peft import LoraConfig
+
+    from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS
+
+    token_ids = tokenizer.convert_tokens_to_ids(list(DOLLY_SPECIAL_TOKENS))
+    names = {module: name for name, module in model.named_modules()}
+    embed_in, embed_out = model.get_input_embeddings(), model.get_output_embeddings()
+    if model.config.tie_word_embeddings or embed_out is None:
+        trainable_tokens: list[int] | dict[str, list[int]] = token_ids
+    else:
+        trainable_tokens = {names[embed_in]: token_ids, names[embed_out]: list(token_ids)}
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_target_modules(model.config.model_type, args.lora_target_modules),
+        trainable_token_indices=trainable_tokens,
     )
 
 
@@ -320,6 +307,33 @@ def _init_cpu_distributed(args: argparse.Namespace) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
+    if args.lora:
+        _peft_trainable_tokens_on_cpu_ranks()
+
+
+def _peft_trainable_tokens_on_cpu_ranks() -> None:
+    """Let PEFT set up Dolly's trainable token rows under ZeRO-3 on CPU ranks.
+
+    peft 0.21's ``TrainableTokensLayer._collect_token_weights`` (ZeRO-3 only) gathers the rows on rank 0 and
+    broadcasts them, but builds the other ranks' receive buffer on ``cuda`` ("right now, only CUDA is implemented",
+    peft/tuners/trainable_tokens/layer.py), which fails on gloo CPU ranks. This is the same function with the
+    buffer on the CPU; GPU runs keep PEFT's own.
+    """
+    import torch
+    import torch.distributed as dist
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils.integrations import gather_params_ctx
+
+    def collect_token_weights(self, weight, rows, embed_dim):
+        with gather_params_ctx([weight], modifier_rank=None):
+            if dist.get_rank() == 0:
+                token_weights = weight[rows].clone()
+            else:
+                token_weights = torch.empty((len(rows), embed_dim), dtype=weight.dtype)
+        dist.broadcast(token_weights, src=0)
+        return token_weights
+
+    TrainableTokensLayer._collect_token_weights = collect_token_weights
 
 
 def _distributed_cpu(args: argparse.Namespace) -> bool:
@@ -335,15 +349,6 @@ def _load_tokenizer(input_model: str):
         return AutoTokenizer.from_pretrained(input_model)
     except OSError as err:
         raise FinetuneError(f"--input-model {input_model}: cannot load its tokenizer ({err}).") from err
-
-
-def model_max_length(config) -> int:
-    """Dolly's rule: the first of n_positions / max_position_embeddings / seq_length the config sets, else 1024."""
-    for name in ("n_positions", "max_position_embeddings", "seq_length"):
-        value = getattr(config, name, None)
-        if value:
-            return int(value)
-    return 1024
 
 
 def split_dataset(dataset, test_size: int | float, seed: int):
@@ -389,7 +394,7 @@ def training_config(args: argparse.Namespace, max_length: int, has_eval: bool):
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
-        report_to=[] if args.report_to == "none" else [args.report_to],
+        report_to=[] if args.report_to == "none" else [name.strip() for name in args.report_to.split(",")],
         max_length=max_length,
         # Records arrive tokenized with a completion mask (finetune.data), so TRL neither tokenizes nor appends
         # EOS: Dolly's examples end with "### End", and its labels cover exactly response + "\n\n### End".
@@ -430,15 +435,28 @@ def _weights_source(input_model: str, resume_from: str | None) -> str:
     return input_model
 
 
-def _load_model(input_model: str, vocab_size: int):
+def _load_model(input_model: str, vocab_size: int, load_in_4bit: bool = False):
     from transformers import AutoModelForCausalLM
 
     # deepspeed.zero.Init (ZeRO-3) fails with a torch._dynamo "Signature mismatch" TypeError on torch 2.13 unless
     # torch._dynamo was imported before entering it.
     import torch._dynamo  # noqa: F401
 
+    kwargs = {}
+    if load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA's recipe: NF4 weights, double quantization, bf16 compute. bf16 storage lets ZeRO-3 shard the 4-bit
+        # weights (transformers' DeepSpeed + QLoRA guide); the GPU the model loads on is this rank's.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+        )
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(input_model)
+        model = AutoModelForCausalLM.from_pretrained(input_model, **kwargs)
     except OSError as err:
         raise FinetuneError(f"--input-model {input_model}: cannot load the model ({err}).") from err
     if model.get_input_embeddings().num_embeddings != vocab_size:
@@ -450,26 +468,115 @@ def _load_model(input_model: str, vocab_size: int):
 # --- Saving -----------------------------------------------------------------------------------------------------
 
 
-def save_final_model(trainer, run_dir: Path) -> Path:
-    """Write model, tokenizer, trainer_state.json and the prompt-format record to ``run_dir/model``, atomically.
+def save_final_model(trainer, run_dir: Path, merge_lora: bool = True) -> Path:
+    """Write the final model, tokenizer, trainer_state.json and prompt-format record to ``run_dir/model``, atomically,
+    and make ``run_dir`` itself load as that model; return ``run_dir/model``.
 
     Everything goes to a temporary directory first, renamed into place when complete, so a run killed while
     saving never leaves a ``model/`` that looks finished. Every rank takes part (ZeRO-3 gathers the weights).
+    A LoRA run writes the adapter (PEFT's adapter_config.json + adapter_model.safetensors, with the tokenizer and
+    format record so the directory loads on its own) and, with ``merge_lora``, the base model with the adapter merged
+    in: then the merged model is the directory's root and the adapter sits in ``adapter/`` (a directory with both at
+    its root would make transformers load it as an adapter); without, the adapter is the root.
     """
+    from peft import PeftModel
+
     from dolly_langchain.prompts import write_format_record
 
     final, partial = run_dir / FINAL_MODEL_DIR, run_dir / f".{FINAL_MODEL_DIR}.partial"
+    is_lora = isinstance(trainer.model, PeftModel)
     if trainer.is_world_process_zero():
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
     trainer.accelerator.wait_for_everyone()
     trainer.model.config.use_cache = True  # off for training (TrainingArguments.use_cache); on for inference
-    trainer.save_model(str(partial))
+    adapter = partial / ADAPTER_DIR if is_lora and merge_lora else partial
+    trainer.save_model(str(adapter))
     if trainer.is_world_process_zero():
+        if adapter != partial:
+            write_format_record(adapter)
+            merge_adapter(adapter, partial)
         trainer.state.save_to_json(str(partial / "trainer_state.json"))
         write_format_record(partial)
+        _link_run_dir(run_dir, partial)
         _replace_dir(partial, final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def merge_adapter(adapter_dir: Path, out: Path) -> None:
+    """Load the adapter's base model (16-bit, even after QLoRA: merging into 4-bit weights would round them), merge
+    the adapter in, and save a plain transformers model with the tokenizer into ``out``.
+
+    The base is loaded afresh on the CPU rather than merged in place: under ZeRO-3 the trained weights are sharded
+    across ranks, and a 4-bit base cannot hold the merged weights.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from dolly_langchain.models import load_lora_adapter
+
+    # The run is over: forget its ZeRO-3 config, or from_pretrained would shard this plain CPU load across ranks.
+    unset_hf_deepspeed_config()
+    model, tokenizer = load_lora_adapter(adapter_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    logger.info("Merged the LoRA adapter into %s", out)
+
+
+def _link_run_dir(run_dir: Path, partial: Path) -> None:
+    """Make the run directory itself load as the final model, the way Dolly's run directories did.
+
+    Chosen over writing the model into the run directory's root with config.json last: the root also holds
+    checkpoints and logs, so an overwritten run would mix the files of two models there, and no rename can swap a
+    whole set of files at once. Instead each entry of the final model gets a relative symlink in the root
+    (``RUN_DIR/config.json -> model/config.json``), created while ``model/`` does not exist yet, so every link
+    dangles and nothing loads (transformers, Dolly's loader and DollyLLM all see no file); the one rename of the
+    finished directory to ``model/`` makes all of them resolve at once. A killed run therefore never looks
+    finished, and ``RUN_DIR/model`` keeps working. Links of a previous model that the new one lacks are removed
+    (a stale adapter_config.json would make transformers load the directory as an adapter).
+    """
+    names = {entry.name for entry in partial.iterdir()}
+    for link in run_dir.iterdir():
+        if link.is_symlink() and os.readlink(link).startswith(f"{FINAL_MODEL_DIR}/") and link.name not in names:
+            link.unlink()
+    for name in sorted(names):
+        link, target = run_dir / name, f"{FINAL_MODEL_DIR}/{name}"
+        if link.is_symlink() and os.readlink(link) == target:
+            continue
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists() and name not in ("config.json", "adapter_config.json"):
+            logger.warning("Not linking %s into %s: a file of that name is already there", name, run_dir)
+            continue
+        elif link.exists():
+            raise FinetuneError(
+                f"--local-output-dir {run_dir}: {link} is in the way of the final model's {name}; move it away "
+                "(the run directory's root is reserved for links to the final model)."
+            )
+        link.symlink_to(target)
+
+
+@contextlib.contextmanager
+def _mlflow_run(args: argparse.Namespace, trainer):
+    """With ``--report-to mlflow``: one MLflow run around training, holding the Trainer's params and metrics
+    (transformers' MLflowCallback logs into the active run), ``dolly-finetune``'s own flags, and at the end the
+    final model's path (``final_model_dir``). Yields a function to call with that path.
+
+    The run is started here rather than by the callback, which ends its run when training ends, before the final
+    model exists. ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_NAME`` are read by MLflow itself.
+    """
+    if "mlflow" not in [name.strip() for name in args.report_to.split(",")] or not trainer.is_world_process_zero():
+        yield lambda final: None
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=Path(args.local_output_dir).name):
+        mlflow.log_params({f"dolly_finetune.{name}": value for name, value in sorted(vars(args).items())})
+
+        def record(final: Path) -> None:
+            mlflow.log_param("final_model_dir", str(final.resolve()))
+            logger.info("MLflow run %s: final model %s", mlflow.active_run().info.run_id, final)
+
+        yield record
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
