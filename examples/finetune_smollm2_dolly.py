@@ -35,10 +35,16 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+FULL_LR = 1e-3
+#: LoRA's adapters start at zero and carry ~3% of the weights' degrees of freedom: they need a larger step than full
+#: fine-tuning (the usual rule of thumb is ~10x for r 16) to move as far in the same 38 steps.
+LORA_LR = 3e-3
 
 INSTRUCTIONS = [
     ("What is the capital of France?", None),
@@ -57,13 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-records", type=int, default=40, help="Held-out records for the loss.")
     parser.add_argument("--max-length", type=int, default=256, help="Longest record in tokens (longer: dropped).")
     parser.add_argument("--epochs", type=float, default=1, help="Training epochs.")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate.")
+    parser.add_argument("--lr", type=float, help=f"Peak learning rate (default: {FULL_LR:g}, with --lora {LORA_LR:g}).")
+    parser.add_argument("--lora", action="store_true",
+                        help="Train LoRA adapters (dolly-finetune --lora, r 16 on every projection) instead of all "
+                        "weights; the merged model is what answers.")
     parser.add_argument("--batch-size", type=int, default=8, help="Per-device batch (records per step).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the record choice, split and training.")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="Most tokens per answer.")
     parser.add_argument("--output-dir", default="runs/finetune_smollm2_dolly",
                         help="Run directory (replaced if it exists); the model lands in OUTPUT_DIR/model.")
     args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = LORA_LR if args.lora else FULL_LR
     if not args.data or not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file; pass databricks-dolly-15k.jsonl or set DOLLY_15K_PATH.")
     return args
@@ -91,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "--per-device-train-batch-size", str(args.batch_size), "--per-device-eval-batch-size", "8",
             "--no-gradient-checkpointing",  # 135M parameters fit easily; recomputation would only cost time
             "--report-to", "none", "--logging-steps", "5", "--eval-steps", "1000000", "--save-steps", "1000000",
+            *(["--lora"] if args.lora else []),
         ])
         trainer = build_trainer(train_args)
     before = trainer.evaluate()["eval_loss"]
@@ -99,15 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     print(f"held-out loss after:  {after:.4f}", flush=True)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     model_dir = save_final_model(trainer, Path(args.output_dir))
     steps = trainer.state.global_step
     del trainer
     answers = ask(model_dir, args.max_new_tokens)
     summary = {
+        "mode": "lora" if args.lora else "full", "lr": args.lr, "trainable_parameters": trainable,
         "train_records": args.train_records, "eval_records": args.eval_records, "steps": steps,
         "heldout_loss_before": before, "heldout_loss_after": after, "model_dir": str(model_dir),
         "answers_ending_at_end_key": sum(a["ended_at_end_key"] for a in answers), "answers": len(answers),
         "minutes": (time.perf_counter() - started) / 60,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux reports KiB
     }
     print(json.dumps(summary, indent=2))
     return 0
