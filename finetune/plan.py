@@ -50,6 +50,7 @@ from pathlib import Path
 GIB = 2**30
 CUDA_OVERHEAD_GB = 1.0  # CUDA context (~0.5 GiB), NCCL buffers and fragmentation: measured GPUs never give all
 FITS_FRACTION = 0.9  # leave 10% for allocator fragmentation and spikes the estimate does not see
+QLORA_BITS_PER_WEIGHT = 4.127  # NF4 + double-quantized block constants (QLoRA paper, section 3)
 
 #: Configs of the presets' base models, so that ``plan`` works offline. Values from each model's config.json on the
 #: Hugging Face hub; only what sets the parameter count and activation sizes.
@@ -133,10 +134,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         train = parse_train_args(train_argv)
     except FinetuneError as err:
         raise PlanError(str(err)) from None
-    if not train.deepspeed:
-        raise PlanError("no DeepSpeed config: pass --deepspeed CFG (e.g. a100_config.json) or --preset NAME.")
-    for name in ("input_model", "deepspeed", "training_dataset", "max_records", "test_size", "max_length",
-                 "packing", "epochs", "per_device_train_batch_size", "gradient_checkpointing", "bf16"):
+    if not train.deepspeed and not train.lora:
+        raise PlanError("no DeepSpeed config: pass --deepspeed CFG (e.g. a100_config.json) or --preset NAME (or "
+                        "--lora for adapters on one GPU).")
+    if not train.deepspeed and args.num_gpus * args.num_nodes > 1:
+        raise PlanError(f"--num-gpus {args.num_gpus}: several GPUs need a --deepspeed config (each would otherwise "
+                        "hold the whole model); pass one, or --num-gpus 1.")
+    for name in ("preset", "input_model", "deepspeed", "training_dataset", "max_records", "test_size", "max_length",
+                 "packing", "epochs", "per_device_train_batch_size", "gradient_checkpointing", "bf16", "lora",
+                 "lora_r", "lora_target_modules", "load_in_4bit"):
         setattr(args, name, getattr(train, name))
     return args
 
@@ -150,14 +156,23 @@ def make_plan(args: argparse.Namespace) -> dict:
 
     config, config_source = load_model_config(args.input_model)
     total_params, largest_layer = count_parameters(config)
-    ds_config = json.loads(Path(args.deepspeed).read_text(encoding="utf-8"))
+    ds_config = json.loads(Path(args.deepspeed).read_text(encoding="utf-8")) if args.deepspeed else {}
     hardware = _hardware(args)
     max_length = args.max_length or model_max_length(config)
-    states_gpu, states_host, zero = model_states_memory(
-        total_params, largest_layer, ds_config, args.num_gpus, args.num_nodes
-    )
-    act_bytes = _dtype_bytes(ds_config, args.bf16)
-    per_sample = activation_memory(config, 1, max_length, act_bytes, args.gradient_checkpointing)
+    lora = None
+    if args.lora:
+        lora = lora_parameters(config, args.lora_r, args.lora_target_modules, args.load_in_4bit)
+        states_gpu, states_host, zero = lora_states_memory(
+            total_params, largest_layer, lora, ds_config, args.num_gpus, args.num_nodes
+        )
+    else:
+        states_gpu, states_host, zero = model_states_memory(
+            total_params, largest_layer, ds_config, args.num_gpus, args.num_nodes
+        )
+    # Without a DeepSpeed config (LoRA on one GPU) the run trains in bf16 unless --no-bf16.
+    act_bytes = _dtype_bytes(ds_config, args.bf16) if args.deepspeed else (4 if args.bf16 is False else 2)
+    per_sample = activation_memory(config, 1, max_length, act_bytes, args.gradient_checkpointing,
+                                   lora_inputs_per_layer=lora["inputs_per_layer"] if lora else 0)
     batch = args.per_device_train_batch_size
     overhead = 0 if hardware["on_cpu"] else CUDA_OVERHEAD_GB * GIB
     gpu_total = states_gpu + batch * per_sample + overhead
@@ -171,8 +186,9 @@ def make_plan(args: argparse.Namespace) -> dict:
             "num_layers": config.num_hidden_layers,
             "vocab_size": config.vocab_size,
         },
+        **({"lora": lora} if lora else {}),
         "hardware": {
-            "deepspeed_config": str(args.deepspeed),
+            "deepspeed_config": str(args.deepspeed) if args.deepspeed else None,
             "zero": zero,
             "num_gpus_per_node": args.num_gpus,
             "num_nodes": args.num_nodes,
@@ -265,12 +281,89 @@ def model_states_memory(total_params: int, largest_layer: int, ds_config: dict, 
     return gpu, host, description
 
 
-def activation_memory(config, batch: int, seq_len: int, dtype_bytes: int, gradient_checkpointing: bool) -> int:
+def lora_parameters(config, r: int, target_modules: str, load_in_4bit: bool) -> dict:
+    """What ``--lora`` trains and keeps frozen, counted on the model built on the meta device (see module doc).
+
+    ``adapter_parameters``: ``r * (in + out)`` for each targeted linear layer (PEFT's A and B matrices);
+    ``token_parameters``: the embedding rows of Dolly's new tokens, and their output rows unless tied;
+    ``frozen_bytes``: the base in 16-bit, or with ``load_in_4bit`` every linear layer but the output layer in NF4 with
+    double quantization (4.127 bits per weight, QLoRA paper section 3) and the rest (embeddings, output layer,
+    norms, biases) in 16-bit; ``inputs_per_layer``: summed input width of one block's targeted layers (LoRA keeps
+    each one's dropped-out input for the backward pass).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS
+    from finetune.common import lora_target_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    targets = lora_target_modules(config.model_type, target_modules)
+    output = model.get_output_embeddings()
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    adapter = inputs = linear_weights = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        linear_weights += module.weight.numel()
+        if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+            adapter += r * (module.in_features + module.out_features)
+            inputs += module.in_features
+    tied = output is None or output.weight is model.get_input_embeddings().weight
+    tokens = len(DOLLY_SPECIAL_TOKENS) * config.hidden_size * (1 if tied else 2)
+    frozen = linear_weights * QLORA_BITS_PER_WEIGHT / 8 + (total - linear_weights) * 2 if load_in_4bit else 2 * total
+    return {
+        "target_modules": targets,
+        "r": r,
+        "adapter_parameters": adapter,
+        "token_parameters": tokens,
+        "trainable_parameters": adapter + tokens,
+        "base": "4-bit NF4" if load_in_4bit else "16-bit",
+        "frozen_bytes": int(frozen),
+        "inputs_per_layer": inputs // config.num_hidden_layers,
+    }
+
+
+def lora_states_memory(total_params: int, largest_layer: int, lora: dict, ds_config: dict, gpus: int, nodes: int):
+    """``(bytes per GPU, bytes of host RAM per node, description)`` of a LoRA run's model states.
+
+    Trainable parameters cost 16 bytes each (fp32 weight and gradient, Adam's two fp32 moments); with a DeepSpeed
+    ZeRO config the 8 bytes of Adam states are split over all GPUs (or offloaded to the host), and ZeRO-3 also splits
+    the frozen base, plus DeepSpeed's 4 bytes per parameter of the largest layer for gathering it. Without DeepSpeed
+    (one GPU) everything sits on that GPU. The host must hold a 16-bit copy of the base at the end, when the adapter
+    is merged into it (``--merge-lora``).
+    """
+    trainable, frozen, world = lora["trainable_parameters"], lora["frozen_bytes"], gpus * nodes
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0)) if ds_config else 0
+    if ds_config and stage not in (1, 2, 3):
+        raise PlanError(
+            f"--deepspeed: ZeRO stage {stage}: plan estimates ZeRO stages 1-3 (set zero_optimization.stage)."
+        )
+    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    adam = 8 * trainable
+    host = 2 * total_params  # the 16-bit base the adapter is merged into
+    if offload_optimizer:
+        host += int(1.5 * adam)  # DeepSpeed's 1.5x buffer factor, as in its ZeRO estimators
+        adam = 0
+    elif stage:
+        adam = adam // world
+    gpu = 8 * trainable + adam
+    gpu += frozen // world + 4 * largest_layer if stage == 3 else frozen
+    description = f"LoRA r {lora['r']} on a frozen {lora['base']} base" + (
+        f", ZeRO-{stage}" + (", optimizer offloaded" if offload_optimizer else "") if stage else ", one GPU"
+    )
+    return gpu, host, description
+
+
+def activation_memory(config, batch: int, seq_len: int, dtype_bytes: int, gradient_checkpointing: bool,
+                      lora_inputs_per_layer: int = 0) -> int:
     """Bytes of activations for one training step of ``batch`` rows of ``seq_len`` tokens (see module doc)."""
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     ffn = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     tokens = batch * seq_len
-    one_layer = tokens * (9 * hidden + 2 * ffn) * dtype_bytes
+    one_layer = tokens * (9 * hidden + 2 * ffn + lora_inputs_per_layer) * dtype_bytes
     kept = layers * tokens * hidden * dtype_bytes + one_layer if gradient_checkpointing else layers * one_layer
     logits = tokens * vocab * (dtype_bytes + 8)
     return kept + logits
@@ -286,10 +379,14 @@ def _dtype_bytes(ds_config: dict, bf16_flag: bool | None) -> int:
 
 
 def _hardware(args: argparse.Namespace) -> dict:
-    """The GPU and host the config assumes (finetune.presets.HARDWARE), overridden by the memory flags."""
-    from finetune.presets import HARDWARE
+    """The GPU and host the config assumes (finetune.presets.HARDWARE), or a one-GPU preset's
+    (``SINGLE_GPU_HARDWARE``), overridden by the memory flags."""
+    from finetune.presets import HARDWARE, PRESET_GPU, SINGLE_GPU_HARDWARE
 
-    assumed = HARDWARE.get(Path(args.deepspeed).name, {})
+    if args.deepspeed:
+        assumed = HARDWARE.get(Path(args.deepspeed).name, {})
+    else:
+        assumed = SINGLE_GPU_HARDWARE.get(PRESET_GPU.get(args.preset or ""), {})
     on_cpu = "gpu" in assumed and assumed["gpu"] is None and args.gpu_memory_gb is None
     gpu_memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else assumed.get("gpu_memory_gb")
     host_memory = args.host_memory_gb if args.host_memory_gb is not None else assumed.get("host_memory_gb")
@@ -388,14 +485,22 @@ def format_plan(plan: dict) -> str:
     """The plan as a readable table."""
     m, hw, mem, host = plan["model"], plan["hardware"], plan["memory_per_gpu_gb"], plan["memory_per_node_host_gb"]
     device = "CPU processes" if hw["on_cpu"] else hw["gpu"] or "GPUs of unknown memory"
+    config = Path(hw["deepspeed_config"]).name + ", " if hw["deepspeed_config"] else ""
+    lora = plan.get("lora")
     lines = [
         f"{m['input_model']} on {hw['num_nodes']} node(s) x {hw['num_gpus_per_node']} {device}, "
-        f"{Path(hw['deepspeed_config']).name} ({hw['zero']})",
+        f"{config}{hw['zero']}",
         f"  model        {m['parameters'] / 1e9:.2f}B parameters, largest layer "
         f"{m['largest_layer_parameters'] / 1e6:.1f}M (hidden {m['hidden_size']}, {m['num_layers']} layers, vocab "
         f"{m['vocab_size']}; config: {m['config_source']})",
+    ]
+    if lora:
+        lines.append(f"  LoRA         {lora['trainable_parameters'] / 1e6:.1f}M trainable parameters (r {lora['r']} on "
+                     f"{lora['target_modules']}, + Dolly's token rows), frozen {lora['base']} base "
+                     f"{lora['frozen_bytes'] / GIB:.1f} GiB")
+    lines += [
         f"  {'per process' if hw['on_cpu'] else 'per GPU':11}  {mem['model_states']:6.1f} GiB  model states "
-        "(DeepSpeed ZeRO estimator)",
+        f"({'frozen base + adapters, their gradients and Adam states' if lora else 'DeepSpeed ZeRO estimator'})",
         f"             + {mem['activations']:6.1f} GiB  activations, worst case: {mem['activations_assume']}",
     ]
     if not hw["on_cpu"]:
@@ -406,6 +511,8 @@ def format_plan(plan: dict) -> str:
         lines.append(f"               largest per-device batch that fits with 10% to spare: "
                      f"{mem['max_per_device_batch']}")
     source = "the processes above + DeepSpeed ZeRO estimator" if hw["on_cpu"] else "DeepSpeed ZeRO estimator"
+    if lora:
+        source = "16-bit base for merging the adapter" + (" + the processes above" if hw["on_cpu"] else "")
     available = f" of {host['available']:g} GiB ({hw['host']})" if host["available"] is not None else ""
     verdict = {None: "", True: ": FITS", False: ": DOES NOT FIT"}[host["fits"]]
     lines.append(f"  host RAM     {host['total']:6.1f} GiB per node ({source}){available}{verdict}")

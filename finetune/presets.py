@@ -8,6 +8,10 @@ Launch commands (``plan`` first: it prints memory per GPU and on the host, and t
     dolly-finetune plan --preset dolly-v2-7b-a10 --num-gpus 4
     deepspeed --num_gpus 4 --module finetune.train --preset dolly-v2-7b-a10 --local-output-dir runs/dolly-v2-7b
 
+    # LoRA / QLoRA on one GPU (no DeepSpeed)
+    dolly-finetune plan --preset dolly-v2-12b-qlora-a10 --num-gpus 1
+    dolly-finetune --preset dolly-v2-12b-qlora-a10 --local-output-dir runs/dolly-v2-12b-qlora
+
 A preset sets argparse defaults of ``dolly-finetune`` (keys are the parser's ``dest`` names); flags given on the
 command line win. Presets override only what differs from the shared recipe, and every value says why.
 
@@ -67,6 +71,28 @@ HARDWARE: dict[str, dict] = {
     },
 }
 
+#: The one GPU (and its usual cloud instance) each LoRA/QLoRA preset assumes; ``dolly-finetune plan`` reads it for
+#: runs without a DeepSpeed config. ``host_memory_gb`` matters at the end: the adapter is merged into a 16-bit copy
+#: of the base loaded in host RAM (24 GB for pythia-12b).
+SINGLE_GPU_HARDWARE: dict[str, dict] = {
+    "A10 24GB": {
+        "gpu": "A10 24GB",
+        "gpu_memory_gb": 24,
+        "gpus_per_node": 1,
+        "instances": "g5.2xlarge (1x A10, 32 GiB RAM), Standard_NV36ads_A10_v5",
+        "host": "g5.2xlarge",
+        "host_memory_gb": 32,
+    },
+    "A100 40GB": {
+        "gpu": "A100 40GB",
+        "gpu_memory_gb": 40,
+        "gpus_per_node": 1,
+        "instances": "a2-highgpu-1g (1x A100 40GB, 85 GB RAM), Standard_NC24ads_A100_v4 (80GB)",
+        "host": "a2-highgpu-1g",
+        "host_memory_gb": 79,
+    },
+}
+
 #: Records in each known training set, for steps-per-epoch arithmetic without reading the data.
 DATASET_SIZES: dict[str, int] = {
     "databricks/databricks-dolly-15k": 15011,
@@ -108,6 +134,26 @@ _V100 = {
     "fp16": True,  # v100_config.json trains in fp16 with dynamic loss scaling, as Dolly's V100 run did
 }
 
+# LoRA / QLoRA on one GPU (finetune.train --lora): same data, epochs, eval and save cadence as Dolly v2.
+_LORA = {
+    "lora": True,  # adapters on every attention and MLP projection, plus the rows of Dolly's new tokens
+    "lr": 2e-4,  # the QLoRA paper's lr for 7B-13B models; adapters need ~40x Dolly's full fine-tuning lr
+    "warmup_steps": 100,  # ~3% of an epoch at batch 4 on one GPU (3703 steps): LoRA's usual warmup ratio
+    "eval_steps": 200,  # one GPU takes 8x the steps of Dolly's 8-GPU run: evaluate about as often per record
+    "save_steps": 400,  # likewise; an adapter checkpoint is small (~0.2 GB with Adam states for pythia-12b)
+    "save_total_limit": 5,  # checkpoints for resuming, not for picking: the last few are enough
+    "bf16": True,  # A10 and A100 have bfloat16 (QLoRA's compute dtype)
+}
+_ONE_A10 = {
+    "per_device_train_batch_size": 4,  # dolly-finetune plan: fits 24 GB with 4-bit bases up to pythia-12b
+    "per_device_eval_batch_size": 4,  # same as training
+}
+_ONE_A100 = {
+    "per_device_train_batch_size": 4,  # dolly-finetune plan: pythia-12b's 16-bit base (22 GiB) + batch 4 fit 40 GB
+    "per_device_eval_batch_size": 4,  # same as training
+}
+_QLORA = {"load_in_4bit": True}  # QLoRA: NF4 base (bitsandbytes, CUDA only), bf16 compute
+
 _PYTHIA_2_8B = {"input_model": "EleutherAI/pythia-2.8b"}  # base of dolly-v2-3b
 _PYTHIA_6_9B = {"input_model": "EleutherAI/pythia-6.9b"}  # base of dolly-v2-7b
 _PYTHIA_12B = {"input_model": "EleutherAI/pythia-12b"}  # base of dolly-v2-12b
@@ -122,6 +168,13 @@ PRESETS: dict[str, dict] = {
     "dolly-v2-3b-a10": {**_DOLLY_V2, **_PYTHIA_2_8B, **_A10},
     "dolly-v2-7b-v100": {**_DOLLY_V2, **_PYTHIA_6_9B, **_V100},
     "dolly-v2-3b-v100": {**_DOLLY_V2, **_PYTHIA_2_8B, **_V100},
+    # LoRA (16-bit base) on one A100 40GB, QLoRA (4-bit base) on one A10 24GB: what `plan` says fits.
+    "dolly-v2-12b-lora-a100": {**_DOLLY_V2, **_PYTHIA_12B, **_LORA, **_ONE_A100},
+    "dolly-v2-7b-lora-a100": {**_DOLLY_V2, **_PYTHIA_6_9B, **_LORA, **_ONE_A100},
+    "dolly-v2-3b-lora-a100": {**_DOLLY_V2, **_PYTHIA_2_8B, **_LORA, **_ONE_A100},
+    "dolly-v2-12b-qlora-a10": {**_DOLLY_V2, **_PYTHIA_12B, **_LORA, **_QLORA, **_ONE_A10},
+    "dolly-v2-7b-qlora-a10": {**_DOLLY_V2, **_PYTHIA_6_9B, **_LORA, **_QLORA, **_ONE_A10},
+    "dolly-v2-3b-qlora-a10": {**_DOLLY_V2, **_PYTHIA_2_8B, **_LORA, **_QLORA, **_ONE_A10},
     # Dolly v1 (first training/trainer.py and train_dolly.py): GPT-J 6B on Stanford Alpaca.
     # Alpaca is CC BY-NC 4.0: models tuned on it are for research, not commercial use.
     "dolly-v1-6b-a100": {
@@ -142,6 +195,13 @@ PRESETS: dict[str, dict] = {
         "per_device_eval_batch_size": 8,  # same as training
         "bf16": True,  # A100 has bfloat16
     },
+}
+
+
+#: The single GPU of each preset that has no DeepSpeed config (a key of SINGLE_GPU_HARDWARE).
+PRESET_GPU: dict[str, str] = {
+    name: "A10 24GB" if name.endswith("-a10") else "A100 40GB" for name, preset in PRESETS.items()
+    if "deepspeed" not in preset
 }
 
 
