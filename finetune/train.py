@@ -21,13 +21,26 @@ Launch commands (``dolly-finetune ARGS`` and ``python -m finetune.train ARGS`` a
     # continue a run that was killed (same data order, same final loss)
     dolly-finetune ...same flags... --resume-from-checkpoint auto
 
+    # LoRA adapters (PEFT) on a frozen base: one GPU, or any DeepSpeed launch above with --lora
+    dolly-finetune --input-model EleutherAI/pythia-2.8b --local-output-dir runs/lora-3b --lora --bf16
+    # QLoRA: 4-bit NF4 base (CUDA + pip install 'dolly-langchain[qlora]'); pythia-12b on one 24 GB A10
+    dolly-finetune --preset dolly-v2-12b-qlora-a10 --local-output-dir runs/dolly-v2-12b-qlora
+
+    # track the run in MLflow (a local store here; a Databricks workspace with MLFLOW_TRACKING_URI=databricks)
+    MLFLOW_TRACKING_URI=sqlite:///mlruns.db dolly-finetune ... --report-to mlflow
+
     # what to launch for a given model and hardware
     dolly-finetune plan --help
 
 The run directory (``--local-output-dir``) holds ``checkpoint-N/`` every ``--save-steps``, TensorBoard logs under
 ``runs/`` and, at the end, ``model/``: the model, the tokenizer with Dolly's special tokens, ``trainer_state.json``
 (the log history) and ``dolly_prompt_format.json``. ``model/`` is written under a temporary name and renamed, so it
-exists only when complete; load it with ``DollyLLM.from_model_id("RUN_DIR/model")``.
+exists only when complete, and the run directory's root links to each of its files (made before the rename, so they
+resolve only once it is complete): a finished run directory loads as the model itself, as Dolly's did
+(``AutoModelForCausalLM.from_pretrained(RUN_DIR)``, ``pipeline(model=RUN_DIR)``, ``DollyLLM.from_model_id(RUN_DIR)``),
+and an unfinished one loads as nothing. With ``--lora`` the checkpoints hold adapters, and ``model/`` holds the base
+with the adapter merged in (a plain transformers model) and the adapter in ``model/adapter/``; with
+``--no-merge-lora``, only the adapter (``DollyLLM.from_model_id`` merges it on load).
 
 NOTE: defaults that differ from TRL's ``SFTConfig`` (they are Dolly's): lr 1e-5 (TRL 2e-5), 3 epochs, per-device
 batch 8, eval every 50 and save every 400 steps keeping 10 checkpoints, bf16 only where the hardware has it (TRL
@@ -35,7 +48,8 @@ always), labels masked through ``### Response:\\n`` with no EOS appended (record
 records longer than ``--max-length`` dropped (TRL truncates), and batches padded to a multiple of 8 as Dolly's
 collator did. Where we go further than Dolly: by default batches are grouped by length (``--group-by-length``), which
 removes most of the padding of Dolly's random batches without changing the records per step;
-``--no-group-by-length`` is Dolly's exact recipe.
+``--no-group-by-length`` is Dolly's exact recipe. With ``--lora`` the default lr is 2e-4 (QLoRA's for 7B-13B
+models) and the loss is the HF Trainer's rather than TRL's fused one (see ``_lora_sft_trainer``).
 """
 
 from __future__ import annotations

@@ -23,8 +23,30 @@ V2 = {
 }
 
 
+LORA = {  # one GPU, no DeepSpeed: (base model, 4-bit base, GPU the plan assumes)
+    "dolly-v2-12b-lora-a100": ("EleutherAI/pythia-12b", False, "A100 40GB"),
+    "dolly-v2-7b-lora-a100": ("EleutherAI/pythia-6.9b", False, "A100 40GB"),
+    "dolly-v2-3b-lora-a100": ("EleutherAI/pythia-2.8b", False, "A100 40GB"),
+    "dolly-v2-12b-qlora-a10": ("EleutherAI/pythia-12b", True, "A10 24GB"),
+    "dolly-v2-7b-qlora-a10": ("EleutherAI/pythia-6.9b", True, "A10 24GB"),
+    "dolly-v2-3b-qlora-a10": ("EleutherAI/pythia-2.8b", True, "A10 24GB"),
+}
+DEEPSPEED_PRESETS = sorted(name for name in PRESETS if name not in LORA)
+
+
 def test_the_presets():
-    assert sorted(PRESETS) == sorted([*V2, "dolly-v1-6b-a100"])
+    assert sorted(PRESETS) == sorted([*V2, *LORA, "dolly-v1-6b-a100"])
+
+
+@pytest.mark.parametrize("name", sorted(LORA))
+def test_lora_presets_are_dollys_data_on_one_gpu(name):
+    from finetune.presets import PRESET_GPU, SINGLE_GPU_HARDWARE
+
+    model, four_bit, gpu = LORA[name]
+    preset = PRESETS[name]
+    assert preset["input_model"] == model and preset["lora"] is True and preset.get("load_in_4bit", False) is four_bit
+    assert "deepspeed" not in preset and PRESET_GPU[name] == gpu and gpu in SINGLE_GPU_HARDWARE
+    assert (preset["epochs"], preset["test_size"], preset["lr"]) == (2, 200, 2e-4) and preset["bf16"] is True
 
 
 @pytest.mark.parametrize("name", sorted(V2))
@@ -54,7 +76,7 @@ def test_every_preset_parses_as_dolly_finetune_defaults(name):
         assert getattr(args, key) == expected, key
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", DEEPSPEED_PRESETS)
 def test_preset_precision_agrees_with_its_deepspeed_config(name):
     """The HF Trainer refuses a config whose bf16/fp16 disagrees with the run's flags; a preset must not."""
     from transformers import TrainingArguments
@@ -72,7 +94,7 @@ def test_preset_precision_agrees_with_its_deepspeed_config(name):
     hf.trainer_config_finalize(args, model, num_training_steps=100)  # raises ValueError listing mismatches
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", DEEPSPEED_PRESETS)
 def test_preset_hardware_is_known(name):
     assert PRESETS[name]["deepspeed"] in HARDWARE
 
