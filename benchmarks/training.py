@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="Pass --no-gradient-checkpointing to dolly-finetune for all paths.")
     parser.add_argument("--only", choices=sorted(PATHS), help="Run one path only (for profiling).")
+    parser.add_argument("--lora", action="store_true",
+                        help="Pass --lora to dolly-finetune for all paths (adapters on a frozen base); the model "
+                        "FLOP/s still count 6 x all parameters, so they overstate LoRA's arithmetic (no weight grads).")
     args = parser.parse_args(argv)
     if not args.data or not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file; pass databricks-dolly-15k.jsonl or set DOLLY_15K_PATH.")
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "device": "cpu"},
         "model": model,
+        "lora": args.lora,
         "records": args.records,
         "per_device_batch": args.batch_size,
         "timed_steps": args.steps,
@@ -166,6 +170,8 @@ def run_path(name: str, model: str, args: argparse.Namespace) -> dict:
         argv += ["--max-length", str(args.max_length)]
         if not args.gradient_checkpointing:
             argv.append("--no-gradient-checkpointing")
+        if args.lora:
+            argv.append("--lora")
         train_args = parse_train_args(argv)
         trainer = build_trainer(train_args)
         trainer.args.max_steps = args.warmup_steps + args.steps

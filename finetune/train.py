@@ -231,7 +231,7 @@ def build_trainer(args: argparse.Namespace, resume_from: str | None = None):
     config = training_config(args, max_length, has_eval=eval_dataset is not None)
     # The model is loaded after the config: under ZeRO-3 the config makes from_pretrained shard it on load.
     source = args.input_model if args.lora else _weights_source(args.input_model, resume_from)
-    model = _load_model(source, len(tokenizer), load_in_4bit=args.load_in_4bit)
+    model = _load_model(source, len(tokenizer), load_in_4bit=args.load_in_4bit, deepspeed=bool(args.deepspeed))
     trainer_class = _lora_sft_trainer() if args.lora else _sft_trainer()
     return trainer_class(
         model=model,
@@ -449,7 +449,7 @@ def _weights_source(input_model: str, resume_from: str | None) -> str:
     return input_model
 
 
-def _load_model(input_model: str, vocab_size: int, load_in_4bit: bool = False):
+def _load_model(input_model: str, vocab_size: int, load_in_4bit: bool = False, deepspeed: bool = False):
     from transformers import AutoModelForCausalLM
 
     # deepspeed.zero.Init (ZeRO-3) fails with a torch._dynamo "Signature mismatch" TypeError on torch 2.13 unless
@@ -462,13 +462,14 @@ def _load_model(input_model: str, vocab_size: int, load_in_4bit: bool = False):
         from transformers import BitsAndBytesConfig
 
         # QLoRA's recipe: NF4 weights, double quantization, bf16 compute. bf16 storage lets ZeRO-3 shard the 4-bit
-        # weights (transformers' DeepSpeed + QLoRA guide); the GPU the model loads on is this rank's.
+        # weights (transformers' DeepSpeed + QLoRA guide); without DeepSpeed the model loads on this rank's GPU.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
         )
         kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        if not deepspeed:  # DeepSpeed places the model itself and refuses a device_map
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(input_model, **kwargs)
     except OSError as err:

@@ -189,7 +189,8 @@ def test_killed_lora_run_never_looks_finished_and_resumes_to_the_same_loss(tmp_p
     data = write_jsonl(tmp_path / "dolly.jsonl", synthetic_records(48, seed=7))
 
     def argv(out: Path, *extra: str) -> list[str]:
-        return cli_args(tiny_neox_dir, data, out, *LORA, "--epochs", "2", "--per-device-train-batch-size", "4",
+        # 48 records at batch 4: 12 steps, killed after the checkpoint of step 6.
+        return cli_args(tiny_neox_dir, data, out, *LORA, "--epochs", "1", "--per-device-train-batch-size", "4",
                         "--max-length", "96", "--save-steps", "3", *extra)
 
     whole = _run(argv(tmp_path / "whole"))
