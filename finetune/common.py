@@ -79,10 +79,9 @@ def parse_args(argv: list[str] | None = None, epilog: str | None = None) -> argp
             )
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
+    args.lora = args.lora or args.load_in_4bit  # QLoRA is LoRA on a 4-bit base
     if args.lr is None:
         args.lr = DEFAULT_LORA_LR if args.lora else DEFAULT_LR
-    if args.load_in_4bit and not args.lora:
-        raise FinetuneError("--load-in-4bit (QLoRA) trains LoRA adapters on a frozen 4-bit base: add --lora.")
     if args.deepspeed:
         try:
             args.deepspeed = str(deepspeed_config_path(args.deepspeed))
@@ -192,7 +191,7 @@ def build_parser(presets: dict[str, dict], epilog: str | None = None) -> argpars
                       "beside the adapter; --no-merge-lora keeps only the adapter.")
     lora.add_argument("--load-in-4bit", action="store_true",
                       help="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes) with bf16 compute. Needs CUDA "
-                      "and `pip install dolly-langchain[qlora]`; requires --lora.")
+                      "and `pip install dolly-langchain[qlora]`; implies --lora.")
     ckpt = parser.add_argument_group("logging and checkpoints")
     ckpt.add_argument("--logging-steps", type=int, default=10, help="Log the loss every N steps.")
     ckpt.add_argument("--eval-steps", type=int, default=50, help="Evaluate on the held-out records every N steps.")

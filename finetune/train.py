@@ -214,6 +214,7 @@ def build_trainer(args: argparse.Namespace, resume_from: str | None = None):
 
     from finetune.data import add_dolly_special_tokens, build_dataset, load_records
 
+    check_lora_flags(args)
     _init_cpu_distributed(args)
     tokenizer = _load_tokenizer(args.input_model)
     add_dolly_special_tokens(tokenizer)
@@ -589,6 +590,7 @@ def _mlflow_run(args: argparse.Namespace, trainer):
 
         def record(final: Path) -> None:
             mlflow.log_param("final_model_dir", str(final.resolve()))
+            mlflow.set_tag("final_model_dir", str(final.resolve()))
             logger.info("MLflow run %s: final model %s", mlflow.active_run().info.run_id, final)
 
         yield record

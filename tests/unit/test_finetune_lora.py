@@ -66,9 +66,9 @@ def test_lora_flags_and_defaults():
     assert not parse_args([*REQUIRED, "--lora", "--no-merge-lora"]).merge_lora
 
 
-def test_load_in_4bit_needs_lora():
-    with pytest.raises(FinetuneError, match="add --lora"):
-        parse_args([*REQUIRED, "--load-in-4bit"])
+def test_load_in_4bit_is_qlora():
+    args = parse_args([*REQUIRED, "--load-in-4bit"])
+    assert args.lora and args.load_in_4bit and args.lr == DEFAULT_LORA_LR
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -76,7 +76,7 @@ def test_load_in_4bit_without_cuda_fails_in_one_line_before_loading_anything(tmp
     # The model and data do not exist: the error must come before anything tries to load them.
     with pytest.raises(SystemExit) as exit_:
         main(["--local-output-dir", str(tmp_path / "run"), "--input-model", str(tmp_path / "no-model"),
-              "--training-dataset", str(tmp_path / "no-data.jsonl"), "--lora", "--load-in-4bit"])
+              "--training-dataset", str(tmp_path / "no-data.jsonl"), "--load-in-4bit"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--load-in-4bit" in err and "CUDA" in err
