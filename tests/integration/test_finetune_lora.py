@@ -254,6 +254,13 @@ def test_lora_under_zero3_on_two_cpu_ranks(tmp_path, base_neox_dir):
     adapter = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(t.numel() and t.abs().sum() > 0 for t in lora_b)  # gathered from the shards, trained
+    base, merged = load_file(base_neox_dir / "model.safetensors"), load_file(run / "model.safetensors")
+    n_base = base["gpt_neox.embed_in.weight"].shape[0]
+    assert torch.equal(merged["gpt_neox.layers.1.post_attention_layernorm.weight"],
+                       base["gpt_neox.layers.1.post_attention_layernorm.weight"])
+    assert torch.equal(merged["embed_out.weight"][:n_base], base["embed_out.weight"])  # old tokens' rows untouched
+    name = "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"
+    assert not torch.equal(merged[name], base[name])
     assert isinstance(DollyLLM.from_model_id(str(run), max_new_tokens=4).invoke("Say hi"), str)
 
 
