@@ -7,6 +7,9 @@ Launch commands::
     dolly-finetune plan --input-model EleutherAI/pythia-12b --deepspeed a10_config.json --num-gpus 4
     dolly-finetune plan --preset dolly-v2-12b-a100 --num-gpus 8 --num-nodes 2 --json
     dolly-finetune plan --input-model path/to/model_dir --deepspeed my_config.json --num-gpus 2 --gpu-memory-gb 80
+    dolly-finetune plan --preset dolly-v2-12b-qlora-a10 --num-gpus 1             # QLoRA, pythia-12b, one A10
+    dolly-finetune plan --preset dolly-v2-12b-qlora-a10 --num-gpus 1 --gpu-memory-gb 80   # ... on one A100 80GB
+    dolly-finetune plan --input-model EleutherAI/pythia-6.9b --lora --num-gpus 1 --gpu-memory-gb 24
 
 ``plan`` takes the same flags as a training run (``--preset``, ``--input-model``, ``--deepspeed``,
 ``--per-device-train-batch-size``, ``--max-length``, ``--packing``, ``--epochs``, ``--test-size``,
@@ -29,6 +32,13 @@ What it prints, and how each number is made (no weights are loaded, no data is t
   with gradient checkpointing, each layer's input is kept (``L*b*s*h`` values) plus one layer being recomputed
   (``b*s*(9h + 2*ffn)``); without it, all ``L`` layers; plus the logits (``b*s*vocab`` in the model dtype, an fp32
   copy for the loss and its fp32 log-softmax: ``+8`` bytes each). Attention scores are not stored (SDPA / flash).
+- With ``--lora`` (or ``--load-in-4bit``) the model states are counted by :func:`lora_parameters` and
+  :func:`lora_states_memory` instead: the frozen base in 16-bit, or for QLoRA every linear layer but the output layer
+  in NF4 (:data:`QLORA_BITS_PER_WEIGHT`) and the rest in 16-bit; the adapters (``r * (in + out)`` per targeted layer)
+  and the rows of Dolly's new tokens at 16 bytes per trainable parameter (fp32 weight, gradient and two Adam
+  moments); ZeRO-3 splits the frozen base and ZeRO the Adam states across GPUs. No ``--deepspeed`` means one GPU,
+  whose memory comes from the preset (:data:`finetune.presets.SINGLE_GPU_HARDWARE`) or ``--gpu-memory-gb``. The
+  activations add each LoRA layer's kept input; the host must hold a 16-bit copy of the base for the final merge.
 - A flat :data:`CUDA_OVERHEAD_GB` for the CUDA context, NCCL buffers and allocator fragmentation.
 - Fits: total <= 90% of the GPU memory; tight: <= 100%; otherwise it does not fit, and the plan names the largest
   per-device batch that would fit.

@@ -66,6 +66,15 @@ def test_lora_flags_and_defaults():
     assert not parse_args([*REQUIRED, "--lora", "--no-merge-lora"]).merge_lora
 
 
+def test_lora_flags_are_documented(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--lora", "--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--merge-lora",
+                 "--no-merge-lora", "--load-in-4bit", "mlflow"):
+        assert flag in text, flag
+
+
 def test_load_in_4bit_is_qlora():
     args = parse_args([*REQUIRED, "--load-in-4bit"])
     assert args.lora and args.load_in_4bit and args.lr == DEFAULT_LORA_LR
