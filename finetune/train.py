@@ -234,7 +234,7 @@ def build_trainer(args: argparse.Namespace, resume_from: str | None = None):
     source = args.input_model if args.lora else _weights_source(args.input_model, resume_from)
     model = _load_model(source, len(tokenizer), load_in_4bit=args.load_in_4bit, deepspeed=bool(args.deepspeed))
     trainer_class = _lora_sft_trainer() if args.lora else _sft_trainer()
-    return trainer_class(
+    trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=train_dataset,
@@ -242,6 +242,9 @@ def build_trainer(args: argparse.Namespace, resume_from: str | None = None):
         processing_class=tokenizer,
         peft_config=lora_config(args, model, tokenizer) if args.lora else None,
     )
+    if args.lora:
+        keep_output_bias(trainer.model)
+    return trainer
 
 
 def _sft_trainer():
@@ -303,6 +306,32 @@ def lora_config(args: argparse.Namespace, model, tokenizer):
         target_modules=lora_target_modules(model.config.model_type, args.lora_target_modules),
         trainable_token_indices=trainable_tokens,
     )
+
+
+def keep_output_bias(peft_model) -> int:
+    """Give back the bias that PEFT's trainable-token wrapper drops from a Linear output layer; return how many.
+
+    peft 0.21's ``TrainableTokensLayer`` computes a wrapped ``nn.Linear`` as ``F.linear(x, W)`` without the base
+    layer's bias (huggingface/peft#3649, fix not released). GPT-J's LM head (dolly-v1) has a bias, so a LoRA run
+    would train against logits without it while the merged model (which runs the base layer) has it: the trained
+    model and the saved one would disagree. A forward hook adds the bias on exactly the path that drops it (adapter
+    active and not merged); the bias stays frozen, as the base's other weights do.
+    """
+    import torch
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    def add_bias(module, inputs, output):
+        if module.disable_adapters or not module.active_adapters or module.merged:
+            return output  # the base layer ran, bias included
+        return output + module.base_layer.bias.to(output.dtype)
+
+    hooked = 0
+    for module in peft_model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(module, TrainableTokensLayer) and isinstance(base, torch.nn.Linear) and base.bias is not None:
+            module.register_forward_hook(add_bias)
+            hooked += 1
+    return hooked
 
 
 def _init_cpu_distributed(args: argparse.Namespace) -> None:

@@ -211,3 +211,31 @@ def test_plan_and_train_do_not_import_each_other():
 
     assert "finetune.train" not in imported("plan") and "finetune.common" in imported("plan")
     assert "finetune.plan" not in imported("common") and "finetune.train" not in imported("common")
+
+
+@pytest.mark.parametrize("build", [tiny_gptj, tiny_neox], ids=["gptj", "gpt_neox"])
+def test_a_fresh_adapter_gives_the_base_models_logits(dolly_tokenizer, build):
+    """LoRA's B matrices start at zero and the token rows start as copies: before training, the wrapped model must
+    compute exactly what the base computes. GPT-J's LM head has a bias that PEFT's token wrapper drops
+    (huggingface/peft#3649); keep_output_bias puts it back."""
+    import torch
+    from peft import get_peft_model
+
+    from finetune.train import keep_output_bias
+
+    torch.manual_seed(0)
+    model = build(len(dolly_tokenizer)).eval()
+    bias = model.get_output_embeddings().bias
+    if bias is not None:  # initialised to zero: give it values that matter
+        torch.nn.init.normal_(bias)
+    ids = torch.tensor([dolly_tokenizer("### Instruction: name a colour ### Response:")["input_ids"]])
+    with torch.no_grad():
+        expected = model(ids).logits.clone()
+    args = parse_args([*REQUIRED, "--lora", "--lora-r", "4"])
+    peft_model = get_peft_model(model, lora_config(args, model, dolly_tokenizer)).eval()
+    hooked = keep_output_bias(peft_model)
+    assert hooked == (1 if build is tiny_gptj else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, expected)
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(peft_model(ids).logits, expected)
