@@ -27,7 +27,9 @@ Launch commands (``dolly-finetune ARGS`` and ``python -m finetune.train ARGS`` a
 The run directory (``--local-output-dir``) holds ``checkpoint-N/`` every ``--save-steps``, TensorBoard logs under
 ``runs/`` and, at the end, ``model/``: the model, the tokenizer with Dolly's special tokens, ``trainer_state.json``
 (the log history) and ``dolly_prompt_format.json``. ``model/`` is written under a temporary name and renamed, so it
-exists only when complete; load it with ``DollyLLM.from_model_id("RUN_DIR/model")``.
+exists only when complete; load it with ``DollyLLM.from_model_id("RUN_DIR/model")``. ``heldout_split.json`` records
+what reproduces the held-out records (``dolly-eval RUN_DIR --generation`` scores the model on them); ``--eval-after``
+evaluates the final model into ``eval/``.
 
 NOTE: defaults that differ from TRL's ``SFTConfig`` (they are Dolly's): lr 1e-5 (TRL 2e-5), 3 epochs, per-device
 batch 8, eval every 50 and save every 400 steps keeping 10 checkpoints, bf16 only where the hardware has it (TRL
@@ -179,6 +181,12 @@ def _build_parser(presets: dict[str, dict]) -> argparse.ArgumentParser:
                       "fresh when there is none).")
     ckpt.add_argument("--report-to", default="tensorboard",
                       help="Where to send logs: tensorboard, none, or any integration transformers knows.")
+    evaluation = parser.add_argument_group("evaluation of the final model (dolly-eval, into RUN_DIR/eval)")
+    evaluation.add_argument("--eval-after", choices=("card", "generation", "both"),
+                            help="Run dolly-eval on the final model: the model card's lm-eval table, instruction "
+                            "following on the held-out records, or both.")
+    evaluation.add_argument("--eval-samples", type=int,
+                            help="With --eval-after: a seeded N documents per task / held-out records (default: all).")
     return parser
 
 
@@ -218,6 +226,10 @@ def train(args: argparse.Namespace) -> Path:
         _copy_atomically(final, Path(args.export_dir))
         logger.info("Copied the final model to %s", args.export_dir)
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        from finetune.evaluate import after_training
+
+        after_training(args, trainer, final)  # records the held-out split; runs --eval-after (other ranks exit)
     return final
 
 
