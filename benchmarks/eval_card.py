@@ -18,6 +18,7 @@ normalisation) publishes HellaSwag 40.9, ARC (mean of easy and challenge) 37.3 a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,14 @@ PUBLISHED_SMOLLM2_135M_INSTRUCT = {"hellaswag": 0.409, "arc_mean": 0.373, "piqa"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    # Libraries print warnings on stdout (DeepSpeed's accelerator probe); keep stdout for the JSON alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = measure(argv)
+    print(json.dumps(report, indent=2), flush=True)
+    return report
+
+
+def measure(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", help="Hub id or directory; default: the embedded model.")
     parser.add_argument("--samples", type=int, default=500, help="Seeded documents per task.")
@@ -95,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
     if "arc_easy" in values and "arc_challenge" in values:
         report["arc_mean"] = round((values["arc_easy"]["value"] + values["arc_challenge"]["value"]) / 2, 4)
     report["published_smollm2_135m_instruct_lighteval"] = PUBLISHED_SMOLLM2_135M_INSTRUCT
-    print(json.dumps(report, indent=2))
     return report
 
 
