@@ -296,7 +296,7 @@ def _generation_records(args, gen) -> tuple[list[dict], str]:
             sample = f"the {len(records)} records {run_dir} held out"
             if args.samples and args.samples < len(records):
                 records = random.Random(args.seed).sample(records, args.samples)
-                sample = f"a seeded sample of {args.samples} of {sample[4:]} (seed {args.seed})"
+                sample = f"a seeded sample of {args.samples} of {sample} (seed {args.seed})"
             return records, sample
         if not args.dolly_data:
             raise EvalError("--generation needs --dolly-data (or $DOLLY_15K_PATH) with databricks-dolly-15k.jsonl, "
