@@ -79,7 +79,7 @@ def heldout_records(run_dir: str | Path) -> list[dict[str, str]]:
     from transformers import AutoTokenizer
 
     from dolly_langchain.models import resolve_model_path
-    from finetune.data import load_records, training_text
+    from finetune.data import BadRecordError, load_records, training_text
     from finetune.train import split_dataset
 
     run_dir = Path(run_dir)
@@ -88,7 +88,10 @@ def heldout_records(run_dir: str | Path) -> list[dict[str, str]]:
     if not spec["test_size"]:
         raise GenerationEvalError(f"{run_dir} was trained with --test-size 0: it held out no records. Pass "
                                   "--dolly-data to score a seeded sample of a data file instead.")
-    records, _ = load_records(spec["training_dataset"], spec["max_records"], spec["skip_bad_records"])
+    try:
+        records, _ = load_records(spec["training_dataset"], spec["max_records"], spec["skip_bad_records"])
+    except BadRecordError as err:
+        raise GenerationEvalError(f"{split_file}: cannot read the run's training data again: {err}") from None
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(run_dir)))
     lengths = tokenizer([training_text(r) for r in records])["input_ids"]
     kept = [r for r, ids in zip(records, lengths) if len(ids) <= spec["max_length"]]
