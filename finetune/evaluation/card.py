@@ -158,8 +158,8 @@ def format_table(rows: Sequence[Row], tasks: Sequence[str] = CARD_TASKS) -> str:
             cells.append("-" if part is None else f"{part:.6f}")
         lines.append(" | ".join(cells))
     lines.append("")
-    lines.append("Metrics (lm-evaluation-harness, zero-shot): " + ", ".join(f"{t} {CARD_METRICS[t]}" for t in CARD_TASKS)
-                 + ". Card rows: full splits, published values.")
+    metrics = ", ".join(f"{t} {CARD_METRICS[t]}" for t in CARD_TASKS)
+    lines.append(f"Metrics (lm-evaluation-harness, zero-shot): {metrics}. Card rows: full splits, published values.")
     for row in rows:
         if row.sample:
             lines.append(f"[sample] {row.model}: {row.sample} (not the full split; ± is the standard error).")

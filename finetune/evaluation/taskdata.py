@@ -9,7 +9,7 @@ holds the files as their authors released them, in this layout::
     winogrande/dev.jsonl + dev-labels.lst WinoGrande 1.1 (the winogrande_xl validation split)
     piqa/valid.jsonl + valid-labels.lst   PIQA
     boolq/val.jsonl                       SuperGLUE BoolQ
-    hellaswag/hellaswag_val.jsonl         HellaSwag
+    hellaswag/hellaswag_val.jsonl         HellaSwag (also found as hellaswag_val.jsonl at the top)
 
 :func:`load_docs` turns each into exactly the rows of the hub dataset lm-eval would load (same field names, same
 encodings): OpenBookQA's and ARC's nested ``question.stem``/``question.choices`` become ``question_stem`` or
@@ -76,6 +76,8 @@ def task_paths(task: str, data_dir: str | Path) -> list[Path]:
     if task not in TASK_FILES:
         raise TaskDataError(f"unknown task {task!r}; known: {', '.join(TASK_FILES)}")
     paths = [Path(data_dir) / name for name in TASK_FILES[task]]
+    if task == "hellaswag" and not paths[0].is_file() and (Path(data_dir) / paths[0].name).is_file():
+        paths = [Path(data_dir) / paths[0].name]  # the file as downloaded, dropped straight into the directory
     for path in paths:
         if not path.is_file():
             raise MissingTaskFile(f"{task}: {path} not found; get {SOURCES[task]} and put it there")

@@ -76,6 +76,11 @@ def test_hellaswag_keeps_every_field_and_stores_label_as_a_string(eval_dir):
     assert doc["endings"][3] == "starts pulling up roofing on a roof."
 
 
+def test_hellaswag_file_is_also_found_at_the_top_of_the_directory(tmp_path, eval_dir):
+    (eval_dir / "hellaswag/hellaswag_val.jsonl").rename(eval_dir / "hellaswag_val.jsonl")
+    assert [d["ind"] for d in load_docs("hellaswag", eval_dir)] == [24, 92]
+
+
 def test_a_missing_file_names_the_file_and_where_to_get_it(tmp_path):
     write_eval_dir(tmp_path, tasks=("piqa",))
     with pytest.raises(MissingTaskFile) as err:
