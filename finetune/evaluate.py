@@ -177,13 +177,16 @@ def run_card(args: argparse.Namespace, output: Path) -> dict[str, Any]:
         label, scores, seconds = _score_model(args, model_id, runnable, docs, errors, harness, tqdm)
         rows.append(Row(model=label, scores=scores, sample=harness.sample_label(args.samples, args.seed)))
         timings[label] = seconds
+    scored = [t for t in runnable if any(t in row.scores for row in rows)]
+    if not scored:
+        raise EvalError("no task could be scored (see the lines above)")
     rows += card_rows()
-    table = format_table(rows, runnable)
+    table = format_table(rows, scored)
     print("\n" + table)
-    chart = plot_chart(rows, output / "card.png", runnable)
+    chart = plot_chart(rows, output / "card.png", scored)
     print(f"\nChart: {chart}")
-    return {"tasks": list(runnable), "errors": errors, "rows": rows_to_json(rows), "table": table,
-            "chart": chart.name, "seconds": timings}
+    return {"tasks": scored, "errors": errors, "rows": rows_to_json(rows), "table": table, "chart": chart.name,
+            "seconds": timings}
 
 
 def _load_task_docs(tasks, data_dir) -> tuple[dict[str, list | None], dict[str, str]]:
@@ -339,7 +342,12 @@ def after_training(args: argparse.Namespace, trainer, final_dir: Path) -> None:
         argv += ["--tasks", "card"]
     if args.eval_after in ("generation", "both"):
         argv += ["--generation"]
-    status = main(argv)
+    try:
+        status = main(argv)
+    except Exception:
+        logging.getLogger("finetune").error("--eval-after: dolly-eval failed; the model is saved, retry with: "
+                                            "dolly-eval %s", " ".join(argv))
+        raise
     if status:
         logging.getLogger("finetune").warning("--eval-after: dolly-eval %s failed (exit %d)", " ".join(argv), status)
 
