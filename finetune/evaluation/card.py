@@ -204,27 +204,32 @@ def plot_chart(rows: Sequence[Row], path: Path, tasks: Sequence[str] = CARD_TASK
 
     tasks = [t for t in CARD_TASKS if t in tasks]
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(tasks) + 2), 4.5))
-    cmap = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(1.5 * len(tasks) + 5, 4.2))
+    evaluated_colors, card_colors = plt.get_cmap("Dark2"), plt.get_cmap("Pastel1")
+    n_evaluated = 0
     for k, row in enumerate(rows):
         xs = [i + (k - (len(rows) - 1) / 2) * width for i in range(len(tasks))]
         values = [row.value(t) or 0.0 for t in tasks]
-        errors = [(row.scores.get(t).stderr or 0.0) if row.scores.get(t) else 0.0 for t in tasks]
-        label = row.model + (" (card)" if row.published else f" ({row.sample})" if row.sample else "")
-        ax.bar(xs, values, width, label=label, color=cmap(k % 20), yerr=None if row.published else errors,
-               capsize=2, edgecolor="black" if not row.published else None, linewidth=0.8)
-    ax.set_xticks(range(len(tasks)), tasks)
+        if row.published:
+            ax.bar(xs, values, width, label=f"{row.model} (card)", color=card_colors((k - n_evaluated) % 9))
+            continue
+        errors = [(row.scores[t].stderr or 0.0) if row.scores.get(t) else 0.0 for t in tasks]
+        label = row.model + (f" ({row.sample})" if row.sample else "")
+        ax.bar(xs, values, width, label=label, color=evaluated_colors(n_evaluated % 8), yerr=errors, capsize=2,
+               edgecolor="black", linewidth=0.6)
+        n_evaluated += 1
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
     ax.set_ylabel("accuracy (card metric)")
     ax.set_ylim(0, 1)
-    ax.set_title("Dolly model card tasks, zero-shot (lm-evaluation-harness)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.set_title("Dolly model card tasks, zero-shot (lm-evaluation-harness); error bars: ±1 s.e.", fontsize=9)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
