@@ -127,7 +127,11 @@ def model_fingerprint(path: str, extra: str = "") -> str:
                         handle.seek(offset)
                         digest.update(handle.read(1 << 20))
     else:
-        digest.update(f"hub:{path}".encode())
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(path, "config.json")  # .../snapshots/<commit>/config.json once downloaded
+        revision = Path(config).parent.name if isinstance(config, str) else "not-downloaded"
+        digest.update(f"hub:{path}@{revision}".encode())
     return digest.hexdigest()[:16]
 
 
