@@ -84,10 +84,10 @@ def measure(argv: list[str] | None = None) -> dict:
               "tasks": {}}
     full_estimate = 0.0
     for task in tasks:
-        cached = harness.cached_score(fingerprint, task, args.samples, args.seed) is not None
+        docs = load_docs(task, args.data_dir)
+        cached = harness.cached_score(fingerprint, task, args.samples, args.seed, docs) is not None
         t0 = time.perf_counter()
-        score = harness.evaluate_task(lm, task, load_docs(task, args.data_dir), fingerprint=fingerprint,
-                                      samples=args.samples, seed=args.seed)
+        score = harness.evaluate_task(lm, task, docs, fingerprint=fingerprint, samples=args.samples, seed=args.seed)
         seconds = time.perf_counter() - t0
         entry = {"metric": CARD_METRICS[task], "value": round(score.value, 4),
                  "stderr": None if score.stderr is None else round(score.stderr, 4), "n": score.n,

@@ -219,7 +219,7 @@ def _score_model(args, model_id, tasks, docs, errors, harness, tqdm):
     lm = None
     start = time.perf_counter()
     for task in tqdm(tasks, desc=f"{label}: tasks", unit="task"):
-        score = harness.cached_score(fingerprint, task, args.samples, args.seed)
+        score = harness.cached_score(fingerprint, task, args.samples, args.seed, docs[task])
         if score is None:
             if lm is None:
                 lm = _load_lm(model_id, args)

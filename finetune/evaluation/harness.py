@@ -5,7 +5,8 @@ Nothing here scores anything: lm-eval builds the requests from its own task defi
 loaded model, and computes ``acc``/``acc_norm`` and their standard errors. What changes is only where the documents
 come from (:func:`build_task`) and which of them are scored (``samples``: a seeded random subset, never the first N).
 
-Caching, per (model fingerprint, task, sample): a finished task's metrics are stored as one JSON file, and every
+Caching, per (model fingerprint, task, sample): a finished task's metrics are stored as one JSON file (its name also
+carries a hash of the documents, so an edited data file is scored afresh), and every
 scored request is stored as it completes in lm-eval's own request cache (``CachingLM``, SQLite), so an interrupted
 run resumes where it stopped and a repeated run recomputes nothing. Both live under
 ``dolly_langchain.models.cache_dir() / "eval" / FINGERPRINT``.
@@ -141,15 +142,26 @@ def cache_root() -> Path:
     return cache_dir() / "eval"
 
 
-def _result_file(fingerprint: str, task: str, samples: int | None, seed: int) -> Path:
-    which = "full" if samples is None else f"n{samples}-seed{seed}"
-    return cache_root() / fingerprint / f"{task}-{which}.json"
-
-
-def cached_score(fingerprint: str, task: str, samples: int | None, seed: int) -> Score | None:
+def data_digest(docs: list[dict] | None) -> str:
+    """A short hash of a task's documents (``"hub"`` when lm-eval loads them), so edited files are not served stale."""
     import json
 
-    path = _result_file(fingerprint, task, samples, seed)
+    if docs is None:
+        return "hub"
+    return hashlib.sha256(json.dumps(docs, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _result_file(fingerprint: str, task: str, samples: int | None, seed: int, docs: list[dict] | None) -> Path:
+    which = "full" if samples is None else f"n{samples}-seed{seed}"
+    return cache_root() / fingerprint / f"{task}-{which}-{data_digest(docs)}.json"
+
+
+def cached_score(fingerprint: str, task: str, samples: int | None, seed: int, docs: list[dict] | None
+                 ) -> Score | None:
+    """The cached score of ``task`` on these documents with this sample, or ``None``."""
+    import json
+
+    path = _result_file(fingerprint, task, samples, seed, docs)
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -169,7 +181,7 @@ def make_lm(model, tokenizer, batch_size: int):
 def evaluate_task(lm, task_name: str, docs: list[dict] | None, *, fingerprint: str, samples: int | None,
                   seed: int) -> Score:
     """Score one task with lm-eval (or return the cached score): the card's metric, its stderr, and the counts."""
-    cached = cached_score(fingerprint, task_name, samples, seed)
+    cached = cached_score(fingerprint, task_name, samples, seed, docs)
     if cached is not None:
         return cached
     from lm_eval import simple_evaluate
@@ -200,7 +212,7 @@ def evaluate_task(lm, task_name: str, docs: list[dict] | None, *, fingerprint: s
     if n_total != FULL_SPLIT_SIZES[task_name]:
         logger.warning("%s: %d documents, the card's full split has %d", task_name, n_total,
                        FULL_SPLIT_SIZES[task_name])
-    write_json_atomically(_result_file(fingerprint, task_name, samples, seed),
+    write_json_atomically(_result_file(fingerprint, task_name, samples, seed, docs),
                           {"task": task_name, "metric": metric, "score": score.__dict__,
                            "lm_eval_results": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}})
     return score
