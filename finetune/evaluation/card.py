@@ -230,7 +230,7 @@ def plot_chart(rows: Sequence[Row], path: Path, tasks: Sequence[str] = CARD_TASK
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=90, bbox_inches="tight")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
@@ -247,8 +247,16 @@ def write_json_atomically(path: Path, data: Mapping | list) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(data, out, indent=2)
             out.write("\n")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a finished temporary file into place with ordinary permissions (mkstemp creates it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
