@@ -9,7 +9,7 @@ import pytest
 
 from finetune.evaluate import main
 from finetune.evaluation import harness
-from tests.eval_helpers import write_eval_dir
+from eval_helpers import write_eval_dir
 
 
 @pytest.fixture()

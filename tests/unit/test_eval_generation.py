@@ -9,8 +9,8 @@ import pytest
 
 from finetune.evaluate import main
 from finetune.evaluation.generation import SPLIT_RECORD_FILE, heldout_records, rouge_l
-from tests.conftest import MEMORIZED
-from tests.finetune_helpers import cli_args, synthetic_records, write_jsonl
+from conftest import MEMORIZED
+from finetune_helpers import cli_args, synthetic_records, write_jsonl
 
 CATEGORIES = ("open_qa", "brainstorming", "summarization")
 

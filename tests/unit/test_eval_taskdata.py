@@ -7,7 +7,7 @@ import pytest
 
 from finetune.evaluation import harness
 from finetune.evaluation.taskdata import MissingTaskFile, TaskDataError, load_docs
-from tests.eval_helpers import write_eval_dir
+from eval_helpers import write_eval_dir
 
 
 @pytest.fixture()
