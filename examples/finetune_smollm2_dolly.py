@@ -43,6 +43,14 @@ lr 1e-3 on all 135M weights over 15 steps. On CPU it saves little time (the back
 layer, and LoRA computes the loss from full logits, see finetune.train._lora_sft_trainer) and no memory (the final
 merge loads a second copy of the base); its savings are GPU memory for the gradients and Adam states of the frozen
 weights, which is what ``dolly-finetune plan --lora`` counts.
+
+Base vs fine-tuned (``--evaluate card|generation|both``): after training, ``dolly-eval`` scores the base SmolLM2 and
+the fine-tuned model side by side, on the model card's lm-eval table (``--eval-samples`` seeded documents per task of
+``$DOLLY_EVAL_DIR``) and on instruction following over the run's own held-out records (ROUGE-L, share of answers that
+ended by themselves, mean length); results in ``OUTPUT_DIR/eval``. The record subset is then kept in ``OUTPUT_DIR``
+(a run directory, never the repository), since the held-out split is reproduced from it::
+
+    python examples/finetune_smollm2_dolly.py --evaluate both --eval-samples 100
 """
 
 from __future__ import annotations
@@ -88,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="Most tokens per answer.")
     parser.add_argument("--output-dir", default="runs/finetune_smollm2_dolly",
                         help="Run directory (replaced if it exists); the model lands in OUTPUT_DIR/model.")
+    parser.add_argument("--evaluate", choices=("card", "generation", "both"),
+                        help="Afterwards, compare base and fine-tuned with dolly-eval (card table, held-out answers).")
+    parser.add_argument("--eval-samples", type=int, default=100,
+                        help="With --evaluate: seeded documents per card task / held-out records answered.")
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = LORA_LR if args.lora else FULL_LR
@@ -109,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = records[: args.eval_records + args.train_records]
     with tempfile.TemporaryDirectory(prefix="dolly-subset-") as tmp:
         subset = Path(tmp) / "subset.jsonl"
+        if args.evaluate:  # dolly-eval reproduces the held-out split from this file: keep it with the run
+            subset = Path(args.output_dir) / "subset.jsonl"
+            subset.parent.mkdir(parents=True, exist_ok=True)
         subset.write_text("".join(json.dumps(r) + "\n" for r in chosen), encoding="utf-8")
         train_args = parse_train_args([
             "--input-model", str(embedded_model_path()), "--training-dataset", str(subset),
@@ -130,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     model_dir = save_final_model(trainer, Path(args.output_dir))
     steps = trainer.state.global_step
+    if args.evaluate:  # what dolly-finetune records in every run directory: how to find the held-out records again
+        from finetune.evaluation.generation import record_split
+
+        record_split(args.output_dir, train_args, trainer.args.max_length, len(trainer.eval_dataset))
     del trainer
     answers = ask(model_dir, args.max_new_tokens)
     summary = {
@@ -141,7 +160,23 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux reports KiB
     }
     print(json.dumps(summary, indent=2))
+    if args.evaluate:
+        return compare_base_and_finetuned(args, model_dir)
     return 0
+
+
+def compare_base_and_finetuned(args: argparse.Namespace, model_dir: Path) -> int:
+    """``dolly-eval BASE FINETUNED``: the card's table and/or answers to the run's held-out records, side by side."""
+    from dolly_langchain.models import embedded_model_path
+    from finetune.evaluate import main as dolly_eval
+
+    argv = [str(embedded_model_path()), str(model_dir), "--samples", str(args.eval_samples),
+            "--max-new-tokens", str(args.max_new_tokens), "--output", str(Path(args.output_dir) / "eval")]
+    if args.evaluate in ("card", "both"):
+        argv += ["--tasks", "card"]
+    if args.evaluate in ("generation", "both"):
+        argv.append("--generation")
+    return dolly_eval(argv)
 
 
 def ask(model_dir: Path, max_new_tokens: int) -> list[dict]:

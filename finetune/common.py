@@ -204,4 +204,10 @@ def build_parser(presets: dict[str, dict], epilog: str | None = None) -> argpars
                       help="Where to send logs: tensorboard, mlflow (MLFLOW_TRACKING_URI: a local "
                       "sqlite:///mlruns.db or a Databricks workspace; `pip install dolly-langchain[mlflow]`), none, "
                       "or any integration transformers knows.")
+    evaluation = parser.add_argument_group("evaluation of the final model (dolly-eval, into RUN_DIR/eval)")
+    evaluation.add_argument("--eval-after", choices=("card", "generation", "both"),
+                            help="Run dolly-eval on the final model: the model card's lm-eval table, instruction "
+                            "following on the held-out records, or both.")
+    evaluation.add_argument("--eval-samples", type=int,
+                            help="With --eval-after: a seeded N documents per task / held-out records (default: all).")
     return parser

@@ -40,7 +40,9 @@ resolve only once it is complete): a finished run directory loads as the model i
 (``AutoModelForCausalLM.from_pretrained(RUN_DIR)``, ``pipeline(model=RUN_DIR)``, ``DollyLLM.from_model_id(RUN_DIR)``),
 and an unfinished one loads as nothing. With ``--lora`` the checkpoints hold adapters, and ``model/`` holds the base
 with the adapter merged in (a plain transformers model) and the adapter in ``model/adapter/``; with
-``--no-merge-lora``, only the adapter (``DollyLLM.from_model_id`` merges it on load).
+``--no-merge-lora``, only the adapter (``DollyLLM.from_model_id`` merges it on load). ``heldout_split.json``
+records what reproduces the held-out records (``dolly-eval RUN_DIR --generation`` scores the model on them);
+``--eval-after`` evaluates the final model into ``eval/``.
 
 NOTE: defaults that differ from TRL's ``SFTConfig`` (they are Dolly's): lr 1e-5 (TRL 2e-5), 3 epochs, per-device
 batch 8, eval every 50 and save every 400 steps keeping 10 checkpoints, bf16 only where the hardware has it (TRL
@@ -131,6 +133,10 @@ def train(args: argparse.Namespace) -> Path:
         _copy_atomically(final, Path(args.export_dir))
         logger.info("Copied the final model to %s", args.export_dir)
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        from finetune.evaluate import after_training
+
+        after_training(args, trainer, final)  # records the held-out split; runs --eval-after (other ranks exit)
     return final
 
 
