@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from finetune.train import main, parse_args, train
@@ -62,3 +65,36 @@ def losses(history: list[dict]) -> dict[int, float]:
 __all__ = [
     "cli_args", "log_history", "losses", "main", "run_training", "synthetic_records", "write_jsonl",
 ]
+
+
+# --- Killed runs: dolly-finetune in a subprocess that SIGKILLs itself after a checkpoint ---------------------------
+
+KILL_SCRIPT = """
+import os, signal, sys
+from transformers import TrainerCallback
+import finetune.train as ft
+
+class KillAfterCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+build = ft.build_trainer
+def build_with_kill(args, **kwargs):
+    trainer = build(args, **kwargs)
+    trainer.add_callback(KillAfterCheckpoint())
+    return trainer
+
+ft.build_trainer = build_with_kill
+ft.main(sys.argv[1:])
+"""
+
+
+def run_finetune_process(args: list[str], kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m finetune.train ARGS`` in a fresh process; with ``kill_at``, SIGKILLed after that step's checkpoint."""
+    script = KILL_SCRIPT.format(kill_at=kill_at) if kill_at is not None else None
+    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "finetune.train", *args]
+    root = Path(__file__).resolve().parents[1]
+    # One thread: tiny matrices gain nothing from more, and runs compared with each other must do the same arithmetic.
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)

@@ -9,9 +9,6 @@ local sqlite store records the params, metrics and the final model's path.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +17,10 @@ from safetensors.torch import load_file
 
 from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS
 from finetune.train import build_trainer, parse_args, save_final_model
-from finetune_helpers import cli_args, log_history, losses, run_training, synthetic_records, write_jsonl
+from finetune_helpers import (
+    cli_args, log_history, losses, run_finetune_process, run_training, synthetic_records, write_jsonl,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 LORA = ["--lora", "--lora-r", "8", "--lr", "5e-3"]
 
 
@@ -135,33 +133,6 @@ def test_no_merge_keeps_only_the_adapter(tmp_path, tiny_neox_dir):
 # --- Killed runs ------------------------------------------------------------------------------------------------
 
 KILL_AT = 6
-KILL_SCRIPT = """
-import os, signal, sys
-from transformers import TrainerCallback
-import finetune.train as ft
-
-class KillAfterCheckpoint(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-build = ft.build_trainer
-def build_with_kill(args, **kwargs):
-    trainer = build(args, **kwargs)
-    trainer.add_callback(KillAfterCheckpoint())
-    return trainer
-
-ft.build_trainer = build_with_kill
-ft.main(sys.argv[1:])
-"""
-
-
-def _run(args: list[str], script: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "finetune.train", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
 def _loads_anywhere(path: Path) -> list[str]:
     """Which loaders accept ``path`` (a killed run must be accepted by none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -193,14 +164,14 @@ def test_killed_lora_run_never_looks_finished_and_resumes_to_the_same_loss(tmp_p
         return cli_args(tiny_neox_dir, data, out, *LORA, "--epochs", "1", "--per-device-train-batch-size", "4",
                         "--max-length", "96", "--save-steps", "3", *extra)
 
-    whole = _run(argv(tmp_path / "whole"))
+    whole = run_finetune_process(argv(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _run(argv(tmp_path / "killed"), KILL_SCRIPT.format(kill_at=KILL_AT))
+    killed = run_finetune_process(argv(tmp_path / "killed"), kill_at=KILL_AT)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (tmp_path / "killed" / f"checkpoint-{KILL_AT}" / "adapter_model.safetensors").is_file()
     assert _loads_anywhere(tmp_path / "killed") == []
 
-    resumed = _run(argv(tmp_path / "killed", "--resume-from-checkpoint", "auto"))
+    resumed = run_finetune_process(argv(tmp_path / "killed", "--resume-from-checkpoint", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = losses(log_history(tmp_path / "whole")), losses(log_history(tmp_path / "killed"))
     assert max(expected) > KILL_AT + 4 and got.keys() == expected.keys()

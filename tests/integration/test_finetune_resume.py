@@ -7,46 +7,17 @@ process right after the checkpoint of step ``KILL_AT`` is written, so the kill l
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import cli_args, log_history, losses, run_training, synthetic_records, write_jsonl
+from finetune_helpers import (
+    cli_args, log_history, losses, run_finetune_process, run_training, synthetic_records, write_jsonl,
+)
 
 KILL_AT = 6  # mid-epoch: the resumed run must skip the batches of this epoch it already trained on
-
-KILL_SCRIPT = """
-import os, signal, sys
-from transformers import TrainerCallback
-import finetune.train as ft
-
-class KillAfterCheckpoint(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-build = ft.build_trainer
-def build_with_kill(args, **kwargs):
-    trainer = build(args, **kwargs)
-    trainer.add_callback(KillAfterCheckpoint())
-    return trainer
-
-ft.build_trainer = build_with_kill
-ft.main(sys.argv[1:])
-"""
-
-
-def _run(args: list[str], script: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "finetune.train", *args]
-    root = Path(__file__).resolve().parents[2]
-    # One thread: tiny matrices gain nothing from more, and the three runs must do the same arithmetic.
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +35,15 @@ def resume_setup(tmp_path_factory, tiny_neox_dir):
 
 def test_killed_run_resumes_to_the_same_loss(resume_setup):
     tmp, argv = resume_setup
-    whole = _run(argv(tmp / "whole"))
+    whole = run_finetune_process(argv(tmp / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    killed = _run(argv(tmp / "killed"), KILL_SCRIPT.format(kill_at=KILL_AT))
+    killed = run_finetune_process(argv(tmp / "killed"), kill_at=KILL_AT)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (tmp / "killed" / f"checkpoint-{KILL_AT}" / "trainer_state.json").is_file()
     assert not (tmp / "killed" / "model").exists()
 
-    resumed = _run(argv(tmp / "killed", "--resume-from-checkpoint", "auto"))
+    resumed = run_finetune_process(argv(tmp / "killed", "--resume-from-checkpoint", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected, got = losses(log_history(tmp / "whole" / "model")), losses(log_history(tmp / "killed" / "model"))
