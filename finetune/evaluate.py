@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dolly_langchain.clitools import positive_int
 from finetune.evaluation.card import CARD_TASKS
 
 DEFAULT_OUTPUT = "dolly-eval-results"
@@ -49,13 +50,6 @@ class EvalError(RuntimeError):
 
 
 # --- Command line -------------------------------------------------------------------------------------------------
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
 
 
 def _tasks(value: str) -> tuple[str, ...]:
@@ -82,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tasks", type=_tasks,
         help=f"Card tasks to run: 'card' (all: {','.join(CARD_TASKS)}) or a comma-separated subset. Default: card, "
         "unless --generation is given alone.")
-    add("--samples", type=_positive,
+    add("--samples", type=positive_int,
         help="Score a seeded random N documents per task (and N records with --generation) instead of full splits.")
     add("--seed", type=int, default=0, help="Seed of the --samples subsets.")
-    add("--batch-size", type=_positive, default=16, help="Sequences per forward pass (lm-eval and generation).")
+    add("--batch-size", type=positive_int, default=16, help="Sequences per forward pass (lm-eval and generation).")
     add("--data-dir", default=os.environ.get("DOLLY_EVAL_DIR"),
         help="Directory with the tasks' original files (default $DOLLY_EVAL_DIR); unset: lm-eval's hub datasets.")
     add("--output", default=DEFAULT_OUTPUT, help="Where results.json, card.png and generation.md are written.")
@@ -97,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dolly-data", default=os.environ.get("DOLLY_15K_PATH"),
                      help="databricks-dolly-15k.jsonl for models that are not dolly-finetune runs "
                      "(default $DOLLY_15K_PATH).")
-    gen.add_argument("--max-new-tokens", type=_positive, default=256, help="Longest answer (Dolly's default: 256).")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="Longest answer (Dolly's default: 256).")
     gen.add_argument("--engine", choices=("transformers", "ctranslate2"), default="transformers",
                      help="Generation engine; transformers (fp32 on CPU) is the reference.")
     return parser
