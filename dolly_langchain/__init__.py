@@ -1,18 +1,30 @@
 """dolly-langchain: Databricks' Dolly recipe on transformers 5 and LangChain 1.x.
 
+The rooms (``docs/architecture.md`` draws how they connect):
+
 - :mod:`dolly_langchain.prompts`: Dolly's prompt format (one source of truth) and LangChain prompt templates.
-- :mod:`dolly_langchain.pipeline`: ``InstructionTextGenerationPipeline``, a drop-in for Dolly's hub pipeline.
+- :mod:`dolly_langchain.generation`: every generation default (Dolly's sampling, ``SamplingOptions``, engines,
+  compute types, batch size, the context-window check), defined once.
 - :mod:`dolly_langchain.llm`: ``DollyLLM``, the LangChain LLM; :mod:`dolly_langchain.chat`: ``ChatDolly``, the chat model.
+- :mod:`dolly_langchain.runtime`: ``load_runtime`` and ``DollyRuntime``, the codec + engine + batching scheduler
+  both LangChain classes run on.
 - :mod:`dolly_langchain.engines`: the generation engines (transformers, CTranslate2) and the batching scheduler.
 - :mod:`dolly_langchain.codec`: prompt building, control-token-safe encoding and response extraction.
+- :mod:`dolly_langchain.pipeline`: ``InstructionTextGenerationPipeline``, a drop-in for Dolly's hub pipeline (an
+  adapter over a runtime).
 - :mod:`dolly_langchain.chains`: LCEL chains for an instruction and an instruction with context.
 - :mod:`dolly_langchain.models`: loading hub/local models and the embedded SmolLM2-135M-Instruct.
 - :mod:`dolly_langchain.rag`: a persistent document index (a LangChain retriever) and ``retrieval_qa_chain``.
-- :mod:`dolly_langchain.cli`: the ``dolly`` command (``dolly ask``, ``dolly rag index``, ``dolly rag ask``).
+- :mod:`dolly_langchain.evaluation`: ``dolly eval``, the model card's lm-eval table and instruction following.
+- :mod:`dolly_langchain.cli`: the ``dolly`` command tree (ask, chat, rag, eval, finetune).
+- :mod:`dolly_langchain.errors`: ``DollyError``, the base of every error this project raises on purpose.
+- :mod:`dolly_langchain.files`: JSONL reading, atomic writes and checkpoint fingerprints, shared by every room.
 
-Heavy modules (torch, transformers) load on first use of the names below, so ``import dolly_langchain`` is cheap.
+Training lives beside this package in :mod:`finetune`. Heavy modules (torch, transformers) load on first use of the
+names below, so ``import dolly_langchain`` is cheap.
 """
 
+from dolly_langchain.errors import DollyError
 from dolly_langchain.prompts import (
     INSTRUCTION_PROMPT,
     INSTRUCTION_WITH_CONTEXT_PROMPT,
@@ -40,6 +52,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DollyError",
     "INSTRUCTION_PROMPT",
     "INSTRUCTION_WITH_CONTEXT_PROMPT",
     "format_prompt",

@@ -39,6 +39,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict
 
+from dolly_langchain.generation import OPTION_NAMES
 from dolly_langchain.lc_common import DollyModelFields
 from dolly_langchain.runtime import Completion
 
@@ -56,9 +57,7 @@ class ChatDolly(DollyModelFields, BaseChatModel):
     @classmethod
     def from_llm(cls, llm, **fields: Any) -> ChatDolly:
         """A chat model on a ``DollyLLM``'s loaded model, engine and scheduler, with its generation options."""
-        options = {name: getattr(llm, name) for name in
-                   ("model_id", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "logprobs",
-                    "batch_size")}
+        options = {name: getattr(llm, name) for name in ("model_id", *OPTION_NAMES, "batch_size")}
         return cls(runtime=llm.runtime, **{**options, **fields})
 
     @property

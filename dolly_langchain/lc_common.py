@@ -6,12 +6,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dolly_langchain.engines.base import SamplingOptions
-from dolly_langchain.pipeline import DEFAULT_GENERATION, InstructionTextGenerationPipeline
+from dolly_langchain.generation import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GENERATION,
+    EMBEDDED_MODEL_LABEL,
+    OPTION_NAMES,
+    SamplingOptions,
+    sampling_options,
+)
 from dolly_langchain.runtime import DollyRuntime, load_runtime
 
-EMBEDDED_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded)"
-OPTION_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "logprobs")
 _LOAD_OPTIONS = (*OPTION_NAMES, "batch_size")
 
 
@@ -21,7 +25,8 @@ class DollyModelFields(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     pipeline: Any = None
-    """The :class:`InstructionTextGenerationPipeline` (transformers engine); ``None`` on the ctranslate2 engine."""
+    """Bring your own :class:`~dolly_langchain.pipeline.InstructionTextGenerationPipeline` (its runtime is used); on
+    the transformers engine, the pipeline adapter over this model's runtime; ``None`` on the ctranslate2 engine."""
     runtime: Any = Field(default=None, exclude=True)
     """The :class:`~dolly_langchain.runtime.DollyRuntime`: codec, engine and the scheduler that batches calls."""
     model_id: str | None = None
@@ -38,26 +43,33 @@ class DollyModelFields(BaseModel):
     """Top-k sampling cut-off, 0 for none (Dolly's default); ignored when ``do_sample`` is False."""
     logprobs: bool = False
     """Report the log-probability of each generated token (``generation_info`` / ``response_metadata``)."""
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     """Most prompts per engine batch. Prompts of one ``batch`` call and calls made at the same time from other
     threads or tasks share batches up to this size; 16 keeps a 2-core CPU busy, raise it on a GPU."""
 
     @model_validator(mode="after")
     def _attach_runtime(self):
         if self.runtime is None:
-            if not isinstance(self.pipeline, InstructionTextGenerationPipeline):
+            # A pipeline brings its runtime (InstructionTextGenerationPipeline.runtime); checked by what it holds, so
+            # this module needs no import of the compatibility adapter.
+            self.runtime = getattr(self.pipeline, "runtime", None)
+            if not isinstance(self.runtime, DollyRuntime):
                 raise ValueError(
                     f"{type(self).__name__} needs pipeline=InstructionTextGenerationPipeline(...), runtime=..., or "
                     f"{type(self).__name__}.from_model_id(...)"
                 )
-            self.runtime = DollyRuntime.for_pipeline(self.pipeline)
         elif not isinstance(self.runtime, DollyRuntime):
             raise ValueError("runtime must be a dolly_langchain.runtime.DollyRuntime")
-        elif self.pipeline is None:
-            self.pipeline = self.runtime.pipeline
+        elif self.pipeline is None and self.runtime.engine.name == "transformers":
+            # Dolly's users reach the transformers objects through ``llm.pipeline`` (model, tokenizer, a callable
+            # pipeline): give them the compatibility adapter over this same runtime. Generation never goes through
+            # it, and this is the one place outside the adapter that imports it (lazily, for transformers only).
+            from dolly_langchain.pipeline import InstructionTextGenerationPipeline
+
+            self.pipeline = InstructionTextGenerationPipeline.from_runtime(self.runtime)
         self.runtime.scheduler.batch_size = self.batch_size
-        if self.model_id is None and self.pipeline is not None and self.pipeline.model.name_or_path:
-            self.model_id = self.pipeline.model.name_or_path
+        if self.model_id is None and self.runtime.engine.name == "transformers":
+            self.model_id = self.runtime.engine.model.name_or_path or None
         return self
 
     @classmethod
@@ -157,16 +169,7 @@ class DollyModelFields(BaseModel):
             raise TypeError(
                 f"{type(self).__name__} got unknown keyword arguments {sorted(unknown)}; known: {list(OPTION_NAMES)}"
             )
-        values = {name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES}
-        do_sample = bool(values["do_sample"])
-        return SamplingOptions(
-            max_new_tokens=int(values["max_new_tokens"]),
-            do_sample=do_sample,
-            temperature=float(values["temperature"]) if do_sample else 1.0,
-            top_p=float(values["top_p"]) if do_sample else 1.0,
-            top_k=int(values["top_k"]) if do_sample else 0,
-            logprobs=bool(values["logprobs"]),
-        )
+        return sampling_options({name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES})
 
     def _checked(self, ids: list[int], options: SamplingOptions) -> list[int]:
         # Checked for every prompt before any is generated, so a batch fails before spending time on the others.

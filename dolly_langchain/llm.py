@@ -1,4 +1,4 @@
-"""``DollyLLM``: a LangChain LLM over :class:`~dolly_langchain.pipeline.InstructionTextGenerationPipeline`.
+"""``DollyLLM``: a LangChain LLM over a local model, on the transformers or CTranslate2 engine.
 
 Shaped like a partner package's LLM (compare ``langchain_huggingface.HuggingFacePipeline``)::
 
@@ -8,7 +8,7 @@ Shaped like a partner package's LLM (compare ``langchain_huggingface.HuggingFace
     llm = DollyLLM.from_model_id(engine="transformers")            # the same model on transformers (reference outputs)
     llm = DollyLLM.from_model_id("databricks/dolly-v2-3b", dtype=torch.bfloat16, device_map="auto")
     llm = DollyLLM.from_model_id("runs/my-dolly", engine="ctranslate2", device="cuda", compute_type="int8_float16")
-    llm = DollyLLM(pipeline=my_instruction_pipeline)                # bring your own pipeline
+    llm = DollyLLM(pipeline=my_instruction_pipeline)                # bring your own pipeline (its runtime)
 
     llm.invoke("Name three primary colors.")                       # only the response, never the prompt
     llm.batch([...])                                                # batches of batch_size prompts
@@ -33,7 +33,8 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
 from dolly_langchain.codec import StreamingResponse
-from dolly_langchain.lc_common import EMBEDDED_MODEL_LABEL, OPTION_NAMES, DollyModelFields
+from dolly_langchain.generation import EMBEDDED_MODEL_LABEL
+from dolly_langchain.lc_common import DollyModelFields
 from dolly_langchain.runtime import Completion
 
 __all__ = ["EMBEDDED_MODEL_LABEL", "DollyLLM", "StreamingResponse"]
@@ -146,6 +147,3 @@ def _info(completion: Completion) -> dict[str, Any] | None:
         }
     }
 
-
-# Kept for code that imported these names from here.
-_OPTION_NAMES = OPTION_NAMES

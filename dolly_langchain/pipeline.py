@@ -16,10 +16,14 @@ SmolLM2-135M-Instruct, and user text that can never become a control token.
 
 The prompt format is chosen from the tokenizer (override with ``prompt_format=``; see
 :func:`~dolly_langchain.codec.detect_prompt_format`): ``"dolly"`` (Dolly's special tokens), ``"chat"`` (a chat
-template) or ``"dolly-text"``. Prompt building and response extraction live in
-:class:`~dolly_langchain.codec.PromptCodec` (``pipeline.codec``) and generation in a
-:class:`~dolly_langchain.engines.transformers_engine.TransformersEngine` (``pipeline.engine``), the same pieces
-``DollyLLM`` uses with either engine.
+template) or ``"dolly-text"``.
+
+This is a thin adapter, as langchain-huggingface's ``HuggingFacePipeline`` is over a transformers pipeline: the
+work is done by a :class:`~dolly_langchain.runtime.DollyRuntime` (``pipeline.runtime``: the
+:class:`~dolly_langchain.codec.PromptCodec` that builds prompts and extracts responses, and a
+:class:`~dolly_langchain.engines.transformers_engine.TransformersEngine` behind the batching scheduler), the same
+runtime ``DollyLLM`` and ``ChatDolly`` use. ``DollyLLM(pipeline=p)`` shares ``p.runtime`` and so its batches. Nothing
+in the library's own generation path imports this module.
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ from typing import Any
 import torch
 from transformers import Pipeline
 
-from dolly_langchain.codec import PROMPT_FORMATS, PromptCodec, cut_at_stop, detect_prompt_format
-from dolly_langchain.engines.base import SamplingOptions
-from dolly_langchain.engines.transformers_engine import TransformersEngine
+from dolly_langchain.codec import PROMPT_FORMATS, cut_at_stop, detect_prompt_format
+from dolly_langchain.generation import (  # noqa: F401  (check_window: importable from here as before)
+    DEFAULT_GENERATION,
+    OPTION_NAMES,
+    check_window,
+    sampling_options,
+)
+from dolly_langchain.runtime import DollyRuntime
 
 __all__ = [
     "DEFAULT_GENERATION",
@@ -43,11 +52,6 @@ __all__ = [
     "load_model_tokenizer_for_generate",
 ]
 
-# Dolly's sampling defaults (instruct_pipeline.py in databricks/dolly).
-DEFAULT_GENERATION = {"do_sample": True, "max_new_tokens": 256, "top_p": 0.92, "top_k": 0}
-
-# Options SamplingOptions carries; any other generate() argument goes to model.generate as is.
-_SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k")
 
 
 class InstructionTextGenerationPipeline(Pipeline):
@@ -58,6 +62,9 @@ class InstructionTextGenerationPipeline(Pipeline):
     ``"{instruction}\\n{response}"``. Generation options (``max_new_tokens``, ``do_sample``, ``temperature``,
     ``top_p``, ``top_k``, ... any ``generate`` argument) may be set at construction or per call;
     ``stop_sequences=[...]`` ends generation at the first of those strings and cuts it from the response.
+
+    ``runtime=`` (or :meth:`from_runtime`) wraps an existing :class:`~dolly_langchain.runtime.DollyRuntime` on the
+    transformers engine instead of building one for ``model`` and ``tokenizer``.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class InstructionTextGenerationPipeline(Pipeline):
         top_p: float = DEFAULT_GENERATION["top_p"],
         top_k: int = DEFAULT_GENERATION["top_k"],
         prompt_format: str | None = None,
+        runtime: DollyRuntime | None = None,
         task: str = "text-generation",
         **kwargs: Any,
     ):
@@ -76,14 +84,31 @@ class InstructionTextGenerationPipeline(Pipeline):
         )
         if self.tokenizer is None:
             raise ValueError("InstructionTextGenerationPipeline needs a tokenizer: pass tokenizer=...")
-        self.codec = PromptCodec(
-            self.tokenizer, prompt_format, model_dir=self.model.name_or_path,
-            eos_token_ids=self.model.generation_config.eos_token_id,
-        )
-        fallback = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1_000_000 else None
-        self.engine = TransformersEngine(self.model, self.tokenizer.pad_token_id, fallback_window=fallback)
+        if runtime is None:
+            runtime = DollyRuntime.for_transformers(self.model, self.tokenizer, prompt_format)
+        elif runtime.engine.name != "transformers" or runtime.engine.model is not self.model:
+            raise ValueError("runtime= must be the transformers-engine runtime of this pipeline's model")
+        self.runtime = runtime
 
-    # -- what the codec knows, under the names this pipeline has always had ------------------------------------
+    @classmethod
+    def from_runtime(cls, runtime: DollyRuntime, **kwargs: Any) -> InstructionTextGenerationPipeline:
+        """The pipeline over a loaded transformers-engine runtime (sharing its model, codec and batches)."""
+        if runtime.engine.name != "transformers":
+            raise ValueError(f"InstructionTextGenerationPipeline runs on the transformers engine, not "
+                             f"{runtime.engine.name!r}")
+        return cls(model=runtime.engine.model, tokenizer=runtime.tokenizer, runtime=runtime, **kwargs)
+
+    # -- what the runtime knows, under the names this pipeline has always had ----------------------------------
+
+    @property
+    def codec(self):
+        """The :class:`~dolly_langchain.codec.PromptCodec`: prompt format, encoding, response extraction."""
+        return self.runtime.codec
+
+    @property
+    def engine(self):
+        """The :class:`~dolly_langchain.engines.transformers_engine.TransformersEngine` that runs the model."""
+        return self.runtime.engine
 
     @property
     def prompt_format(self) -> str:
@@ -95,16 +120,12 @@ class InstructionTextGenerationPipeline(Pipeline):
 
     @property
     def context_window(self) -> int | None:
-        """Most tokens (prompt + generated) the model attends over: its ``max_position_embeddings``.
-
-        Falls back to the tokenizer's ``model_max_length`` when the config has no such field; ``None`` when
-        neither is known (tokenizers without a limit report a huge sentinel, which is ignored).
-        """
-        return self.engine.context_window
+        """Most tokens (prompt + generated) the model attends over (see ``DollyRuntime.context_window``)."""
+        return self.runtime.context_window
 
     def check_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed the window."""
-        check_window(self.context_window, prompt_tokens, max_new_tokens)
+        self.runtime.check_window(prompt_tokens, max_new_tokens)
 
     def prompt_segments(self, instruction: str, context: str | None = None) -> list[tuple[str, bool]]:
         return self.codec.prompt_segments(instruction, context)
@@ -157,54 +178,31 @@ class InstructionTextGenerationPipeline(Pipeline):
         kwargs = {**self._forward_params, **generate_kwargs}
         stops = kwargs.pop("stop_sequences", None)
         options = sampling_options(kwargs)
-        extra = {k: v for k, v in kwargs.items() if k not in _SAMPLING_FIELDS}
-        # The Pipeline machinery may have padded a batch: hand the engine each row's own ids.
+        extra = {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+        # The Pipeline machinery may have padded a batch: hand the runtime each row's own ids.
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(model_inputs["input_ids"], model_inputs["attention_mask"])]
         for ids in prompts:
             self.check_window(len(ids), options.max_new_tokens)
-        watchers = [self.codec.watcher(stops) for _ in prompts]
-        outputs = self.engine.generate(
-            prompts, options, self.stop_token_ids, lambda row, token, _: watchers[row].push(token)[1], **extra
-        )
+        if extra:
+            # Other generate() arguments (repetition_penalty, ...) have no place in the scheduler's shared batches,
+            # which group calls by SamplingOptions alone: such a call runs the engine directly, as Dolly's did.
+            watchers = [self.codec.watcher(stops) for _ in prompts]
+            generated = [o.token_ids for o in self.engine.generate(
+                prompts, options, self.stop_token_ids, lambda row, token, _: watchers[row].push(token)[1], **extra
+            )]
+        else:
+            generated = [c.token_ids for c in self.runtime.generate(prompts, options, stops)]
         # One tensor row per prompt (the Pipeline machinery splits batches by tensor rows), padded with a stop id.
-        width = max(1, max(len(o.token_ids) for o in outputs))
+        width = max(1, max(len(ids) for ids in generated))
         fill = self.stop_token_ids[0] if self.stop_token_ids else self.tokenizer.pad_token_id
-        generated = torch.tensor([o.token_ids + [fill] * (width - len(o.token_ids)) for o in outputs])
-        return {"generated_ids": generated, "instruction_text": model_inputs["instruction_text"]}
+        rows = torch.tensor([ids + [fill] * (width - len(ids)) for ids in generated])
+        return {"generated_ids": rows, "instruction_text": model_inputs["instruction_text"]}
 
     def postprocess(self, model_outputs: dict, return_full_text: bool = False, stop_sequences=None) -> list[dict]:
         response = self.decode_response(model_outputs["generated_ids"][0], stop_sequences)
         if return_full_text:
             response = f"{model_outputs['instruction_text']}\n{response}"
         return [{"generated_text": response}]
-
-
-def sampling_options(options: dict[str, Any], *, logprobs: bool = False) -> SamplingOptions:
-    """:class:`SamplingOptions` from generate-style keyword arguments (Dolly's defaults for those missing)."""
-    do_sample = bool(options.get("do_sample", DEFAULT_GENERATION["do_sample"]))
-    return SamplingOptions(
-        max_new_tokens=int(options.get("max_new_tokens") or DEFAULT_GENERATION["max_new_tokens"]),
-        do_sample=do_sample,
-        temperature=float(options.get("temperature") or 1.0) if do_sample else 1.0,
-        top_p=float(options.get("top_p") or 1.0) if do_sample else 1.0,
-        top_k=int(options.get("top_k") or 0) if do_sample else 0,
-        logprobs=logprobs,
-    )
-
-
-def check_window(window: int | None, prompt_tokens: int, max_new_tokens: int | None) -> None:
-    """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed ``window``.
-
-    transformers only warns and then generates from positions the model never saw in training (or fails
-    with a tensor size mismatch, as Dolly's users saw with RetrievalQA); refusing up front is clearer.
-    """
-    max_new_tokens = max_new_tokens or 0
-    if window is not None and prompt_tokens + max_new_tokens > window:
-        raise ValueError(
-            f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
-            f"{prompt_tokens + max_new_tokens} tokens do not fit the model's window of {window}. "
-            "Shorten the context (or retrieve fewer passages), or lower max_new_tokens."
-        )
 
 
 def _split_input(inputs) -> tuple[str, str | None]:

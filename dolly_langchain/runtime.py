@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dolly_langchain.codec import PromptCodec
-from dolly_langchain.engines.base import ENGINES, GenerationEngine, SamplingOptions
+from dolly_langchain.engines.base import GenerationEngine
 from dolly_langchain.engines.scheduler import DEFAULT_WINDOW, BatchScheduler, Request
+from dolly_langchain.generation import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, ENGINES, SamplingOptions, check_window
 
 _DONE = object()
 
@@ -32,23 +33,22 @@ class Completion:
 
 
 class DollyRuntime:
-    """A codec and an engine behind one scheduler. ``pipeline`` is set for the transformers engine."""
+    """A codec and an engine behind one scheduler: what ``DollyLLM``, ``ChatDolly`` and the pipeline adapter share."""
 
-    def __init__(self, codec: PromptCodec, engine: GenerationEngine, *, pipeline: Any = None,
-                 batch_size: int = 16, window: float = DEFAULT_WINDOW):
+    def __init__(self, codec: PromptCodec, engine: GenerationEngine, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 window: float = DEFAULT_WINDOW):
         self.codec = codec
         self.engine = engine
-        self.pipeline = pipeline
         self.scheduler = BatchScheduler(engine, codec.stop_token_ids, batch_size=batch_size, window=window)
 
     @classmethod
-    def for_pipeline(cls, pipeline) -> DollyRuntime:
-        """The runtime of an ``InstructionTextGenerationPipeline`` (one per pipeline, so calls share its batches)."""
-        runtime = getattr(pipeline, "_dolly_runtime", None)
-        if runtime is None:
-            runtime = cls(pipeline.codec, pipeline.engine, pipeline=pipeline)
-            pipeline._dolly_runtime = runtime
-        return runtime
+    def for_transformers(cls, model, tokenizer, prompt_format: str | None = None, **kwargs: Any) -> DollyRuntime:
+        """The runtime of a loaded transformers model and its tokenizer (the ``"transformers"`` engine)."""
+        from dolly_langchain.engines.transformers_engine import TransformersEngine
+
+        codec = PromptCodec(tokenizer, prompt_format, model_dir=model.name_or_path,
+                            eos_token_ids=model.generation_config.eos_token_id)
+        return cls(codec, TransformersEngine(model, tokenizer.pad_token_id), **kwargs)
 
     @property
     def tokenizer(self):
@@ -56,11 +56,16 @@ class DollyRuntime:
 
     @property
     def context_window(self) -> int | None:
-        return self.engine.context_window
+        """Most tokens (prompt + generated) the model attends over: what the engine reads from the model's config,
+        else the tokenizer's ``model_max_length``; ``None`` when neither is known (tokenizers without a limit report
+        a huge sentinel, which is ignored)."""
+        if self.engine.context_window is not None:
+            return self.engine.context_window
+        limit = self.tokenizer.model_max_length
+        return limit if limit < 1_000_000 else None
 
     def check_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        from dolly_langchain.pipeline import check_window
-
+        """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed the window."""
         check_window(self.context_window, prompt_tokens, max_new_tokens)
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -184,7 +189,6 @@ def load_runtime(
         raise ValueError("compute_type is a CTranslate2 option; with engine='transformers' pass dtype= (e.g. "
                          "torch.bfloat16) or quantization_config=")
     from dolly_langchain.models import load_model_and_tokenizer
-    from dolly_langchain.pipeline import InstructionTextGenerationPipeline
 
     load_kwargs = dict(model_kwargs or {})
     for key, value in (("dtype", dtype), ("device_map", device_map), ("quantization_config", quantization_config)):
@@ -193,8 +197,7 @@ def load_runtime(
     model, tokenizer = load_model_and_tokenizer(model_id, **load_kwargs)
     if device is not None and device_map is None:
         model.to(device)
-    pipeline = InstructionTextGenerationPipeline(model=model, tokenizer=tokenizer, prompt_format=prompt_format)
-    return DollyRuntime.for_pipeline(pipeline)
+    return DollyRuntime.for_transformers(model, tokenizer, prompt_format)
 
 
 def resolve_engine(engine: str | None, model_id: str | None, transformers_only: dict | None = None) -> str:
@@ -204,7 +207,7 @@ def resolve_engine(engine: str | None, model_id: str | None, transformers_only: 
 
         return "ctranslate2" if model_id is None and not transformers_only and available() else "transformers"
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {('auto', *ENGINES)}, got {engine!r}")
+        raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {engine!r}")
     return engine
 
 
@@ -219,7 +222,4 @@ def _load_ctranslate2(model_id, compute_type, device, prompt_format) -> DollyRun
     eos = None
     if (model_dir / "generation_config.json").is_file():
         eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
-    codec = PromptCodec(tokenizer, prompt_format, model_dir=str(model_dir), eos_token_ids=eos)
-    if engine.context_window is None and tokenizer.model_max_length < 1_000_000:
-        engine._context_window = tokenizer.model_max_length
-    return DollyRuntime(codec, engine)
+    return DollyRuntime(PromptCodec(tokenizer, prompt_format, model_dir=str(model_dir), eos_token_ids=eos), engine)

@@ -16,35 +16,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from dolly_langchain.generation import ENGINES, SamplingOptions  # noqa: F401  (defined once there; re-exported)
+
 #: ``on_token(row, token_id, logprob)``; return ``True`` to stop generating for that row. ``logprob`` is ``None``
 #: unless :attr:`SamplingOptions.logprobs` is set.
 TokenCallback = Callable[[int, int, "float | None"], bool]
-
-ENGINES = ("transformers", "ctranslate2")
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How to pick tokens. Hashable: calls with equal options can share a batch."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0: no top-k cut-off."""
-    logprobs: bool = False
-    """Report each generated token's log-probability (log-softmax of the model's logits before sampling)."""
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be above 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (no cut-off) or more, got {self.top_k}")
 
 
 @dataclass

@@ -15,26 +15,21 @@ GPT-J (Dolly v1) and Llama (SmolLM2, the embedded model).
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import importlib.metadata
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from dolly_langchain.files import checkpoint_fingerprint, publish_dir
+from dolly_langchain.generation import COMPUTE_TYPES
 from dolly_langchain.models import ModelNotFoundError, cache_dir, resolve_model_path
 from dolly_langchain.prompts import FORMAT_RECORD_FILE
 
 #: The record written last into every finished conversion; its presence marks the conversion complete.
 CONVERSION_RECORD = "dolly_ctranslate2.json"
-
-#: What ``compute_type`` may be; it becomes the converter's ``quantization`` (how the weights are stored).
-COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
 
 # Bump when _converter()'s shims change what a conversion writes, so cached conversions are redone.
 _SHIM_VERSION = 1
@@ -152,34 +147,17 @@ def _safe_name(name: str) -> str:
 
 
 def _fingerprint(checkpoint: Path, ctranslate2_version: str) -> str:
-    """sha256 over (name, size, mtime_ns) of the checkpoint files a conversion reads, and the converter's versions.
-
-    Sizes and times rather than contents: hashing gigabytes of weights on every start would cost more than the
-    conversion saves. Hub snapshots are symlinks into the blob store; ``stat`` follows them.
-    """
-    digest = hashlib.sha256(f"ctranslate2 {ctranslate2_version}\nshim {_SHIM_VERSION}\n".encode())
-    for file in sorted(checkpoint.iterdir()):
-        if file.is_file() and any(fnmatch.fnmatch(file.name, pattern) for pattern in _CHECKPOINT_FILES):
-            stat = file.stat()
-            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    """The checkpoint files a conversion reads (:func:`~dolly_langchain.files.checkpoint_fingerprint`), salted with
+    the converter's versions. Hub snapshots are symlinks into the blob store; they are followed."""
+    salt = f"ctranslate2 {ctranslate2_version}\nshim {_SHIM_VERSION}"
+    return checkpoint_fingerprint(checkpoint, salt=salt, patterns=_CHECKPOINT_FILES)
 
 
 def _convert_atomically(checkpoint: Path, target: Path, record: dict) -> None:
-    """Write the conversion into a temporary directory beside ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    """Write the conversion into a temporary directory beside ``target``, then rename it into place (an unfinished
+    copy someone left is replaced; another process's finished copy is kept)."""
+    with publish_dir(target, CONVERSION_RECORD) as tmp:
         _write_conversion(checkpoint, tmp, record)
-        if target.is_dir() and not (target / CONVERSION_RECORD).is_file():
-            shutil.rmtree(target)  # an unfinished copy someone left (or whose record was deleted to force a redo)
-        os.replace(tmp, target)
-    except OSError:
-        # Another process may have finished the same conversion first; keep its copy.
-        if not (target / CONVERSION_RECORD).is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_conversion(checkpoint: Path, out: Path, record: dict) -> None:

@@ -32,9 +32,8 @@ from dolly_langchain.engines.base import (
     TokenCallback,
     length_groups,
 )
+from dolly_langchain.generation import COMPUTE_TYPE_CHOICES, DEVICES
 
-COMPUTE_TYPES = ("auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
-DEVICES = ("cpu", "cuda")
 # Fixed cost of one decoding step of a batch, in prompt tokens' worth of compute (see length_groups). On CPU,
 # measured with SmolLM2-135M int8: a step costs ~16 ms plus ~3.5 ms per row, one prompt token ~1 ms. On CUDA the
 # prompt pass is nearly free next to a step's kernel launches, so batches are split only for extreme padding.
@@ -88,8 +87,8 @@ def default_intra_threads(device: str) -> int:
 def resolve_compute_type(compute_type: str, device: str) -> str:
     """Turn ``"auto"`` into a concrete type for ``device`` and check that the device supports it."""
     ctranslate2 = import_ctranslate2()
-    if compute_type not in COMPUTE_TYPES:
-        raise ValueError(f"compute_type must be one of {COMPUTE_TYPES}, got {compute_type!r}")
+    if compute_type not in COMPUTE_TYPE_CHOICES:
+        raise ValueError(f"compute_type must be one of {COMPUTE_TYPE_CHOICES}, got {compute_type!r}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES} for engine='ctranslate2', got {device!r}")
     if device == "cuda" and ctranslate2.get_cuda_device_count() == 0:

@@ -24,7 +24,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from dolly_langchain.engines.base import EngineOutput, GenerationEngine, SamplingOptions
+from dolly_langchain.engines.base import EngineOutput, GenerationEngine
+from dolly_langchain.generation import DEFAULT_BATCH_SIZE, SamplingOptions
 
 DEFAULT_WINDOW = 0.005
 IDLE_EXIT_SECONDS = 10.0  # the worker thread ends after this long without work; the next call starts a new one
@@ -85,7 +86,7 @@ class Request:
 class BatchScheduler:
     """Feeds an engine batches of up to ``batch_size`` requests from any number of threads or event loops."""
 
-    def __init__(self, engine: GenerationEngine, stop_token_ids: Sequence[int], *, batch_size: int = 16,
+    def __init__(self, engine: GenerationEngine, stop_token_ids: Sequence[int], *, batch_size: int = DEFAULT_BATCH_SIZE,
                  window: float = DEFAULT_WINDOW):
         self.engine = engine
         self.stop_token_ids = list(stop_token_ids)

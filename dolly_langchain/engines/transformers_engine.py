@@ -21,10 +21,9 @@ class TransformersEngine(GenerationEngine):
 
     name = "transformers"
 
-    def __init__(self, model, pad_token_id: int, *, fallback_window: int | None = None):
+    def __init__(self, model, pad_token_id: int):
         self.model = model
         self.pad_token_id = pad_token_id
-        self._fallback_window = fallback_window
 
     @property
     def device(self) -> str:
@@ -34,8 +33,7 @@ class TransformersEngine(GenerationEngine):
     def context_window(self) -> int | None:
         config = self.model.config
         config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
-        window = getattr(config, "max_position_embeddings", None)
-        return window if window is not None else self._fallback_window
+        return getattr(config, "max_position_embeddings", None)  # DollyRuntime falls back to the tokenizer's limit
 
     def describe(self) -> dict:
         return {**super().describe(), "dtype": str(self.model.dtype).replace("torch.", "")}

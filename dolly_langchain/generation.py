@@ -1,0 +1,132 @@
+"""Generation settings, defined once: Dolly's defaults, sampling options, engines, compute types, batch size, window.
+
+Everything that decides *how* a response is generated lives here and is imported everywhere else (the LangChain
+classes, the runtime, the engines, the pipeline adapter, the CLI flags, ``dolly eval --generation``):
+
+- :data:`DEFAULT_GENERATION`: Dolly's sampling defaults (``instruct_pipeline.py`` in databricks/dolly).
+- :class:`SamplingOptions`: how tokens are picked for one call; hashable, so calls with equal options share a batch.
+- :func:`sampling_options`: the one conversion of generate-style keyword arguments into :class:`SamplingOptions`.
+- :func:`check_window`: refuse a prompt + ``max_new_tokens`` the model's window cannot hold.
+- :data:`ENGINES`, :data:`ENGINE_CHOICES`, :data:`COMPUTE_TYPES`, :data:`DEVICES`: what ``engine=``,
+  ``compute_type=`` and ``device=`` (and ``--engine``, ``--compute-type``, ``--device``) accept.
+- :data:`DEFAULT_BATCH_SIZE`, :data:`EMBEDDED_MODEL_LABEL`.
+
+NOTE: where we differ from Dolly: the command line decodes greedily by default (``--temperature 0``: reproducible
+answers), while the library keeps Dolly's sampling defaults.
+
+This module imports nothing heavy (no torch, transformers or langchain), so command-line parsers can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dolly_langchain.models import EMBEDDED_MODEL_NAME
+
+__all__ = [
+    "COMPUTE_TYPES",
+    "COMPUTE_TYPE_CHOICES",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_GENERATION",
+    "DEVICES",
+    "EMBEDDED_MODEL_LABEL",
+    "EMBEDDED_MODEL_NAME",
+    "ENGINES",
+    "ENGINE_CHOICES",
+    "OPTION_NAMES",
+    "SamplingOptions",
+    "check_window",
+    "sampling_options",
+]
+
+#: Dolly's sampling defaults (``instruct_pipeline.py`` in databricks/dolly): nucleus sampling, top-k off.
+DEFAULT_GENERATION = {"do_sample": True, "max_new_tokens": 256, "top_p": 0.92, "top_k": 0}
+
+#: The engines a model can run on (see :mod:`dolly_langchain.engines`); ``"auto"`` picks one per model.
+ENGINES = ("transformers", "ctranslate2")
+ENGINE_CHOICES = ("auto", *ENGINES)
+
+#: CTranslate2 compute types: how the weights are stored (a conversion's ``quantization``) and computed.
+#: ``"auto"`` is int8 on CPU and int8_float16 on CUDA.
+COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
+COMPUTE_TYPE_CHOICES = ("auto", *COMPUTE_TYPES)
+#: Where CTranslate2 runs.
+DEVICES = ("cpu", "cuda")
+
+#: Most prompts per engine batch: the prompts of one ``batch`` call and calls made at the same time share batches up
+#: to this size. 16 keeps a 2-core CPU busy; raise it on a GPU.
+DEFAULT_BATCH_SIZE = 16
+
+#: How the embedded default model is named in results, ``--json`` output and ``ls_model_name``.
+EMBEDDED_MODEL_LABEL = f"{EMBEDDED_MODEL_NAME} (embedded)"
+
+#: The per-call generation options of ``DollyLLM``/``ChatDolly`` (fields of the same names set their defaults).
+OPTION_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "logprobs")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick tokens. Hashable: calls with equal options can share a batch."""
+
+    max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"]
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut-off."""
+    logprobs: bool = False
+    """Report each generated token's log-probability (log-softmax of the model's logits before sampling)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be above 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (no cut-off) or more, got {self.top_k}")
+
+
+def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
+    """:class:`SamplingOptions` from generate-style keyword arguments (``max_new_tokens``, ``do_sample``,
+    ``temperature``, ``top_p``, ``top_k``, ``logprobs``); a name that is missing or ``None`` takes Dolly's default
+    (:data:`DEFAULT_GENERATION`, else the :class:`SamplingOptions` default).
+
+    Greedy decoding (``do_sample=False``) ignores ``temperature``, ``top_p`` and ``top_k``, as transformers'
+    ``generate`` does, so greedy calls with different sampling settings still share a batch. Other names are the
+    caller's to check (``DollyLLM`` refuses them; the pipeline adapter hands them to ``generate``).
+    """
+
+    def get(name: str):
+        value = values.get(name)
+        if value is None:
+            value = DEFAULT_GENERATION.get(name, getattr(SamplingOptions, name))
+        return value
+
+    do_sample = bool(get("do_sample"))
+    return SamplingOptions(
+        max_new_tokens=int(get("max_new_tokens")),
+        do_sample=do_sample,
+        temperature=float(get("temperature")) if do_sample else 1.0,
+        top_p=float(get("top_p")) if do_sample else 1.0,
+        top_k=int(get("top_k")) if do_sample else 0,
+        logprobs=bool(get("logprobs")),
+    )
+
+
+def check_window(window: int | None, prompt_tokens: int, max_new_tokens: int | None) -> None:
+    """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed ``window``.
+
+    transformers only warns and then generates from positions the model never saw in training (or fails
+    with a tensor size mismatch, as Dolly's users saw with RetrievalQA); refusing up front is clearer.
+    """
+    max_new_tokens = max_new_tokens or 0
+    if window is not None and prompt_tokens + max_new_tokens > window:
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+            f"{prompt_tokens + max_new_tokens} tokens do not fit the model's window of {window}. "
+            "Shorten the context (or retrieve fewer passages), or lower max_new_tokens."
+        )
