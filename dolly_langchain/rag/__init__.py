@@ -1,7 +1,9 @@
 """Retrieval-augmented question answering with Dolly: index your documents, retrieve, answer with sources.
 
 - :mod:`dolly_langchain.rag.index`: ``DocumentIndex``, a persistent SQLite index (BM25, optional dense/hybrid)
-  that is also a LangChain retriever.
+  that is also a LangChain retriever, put together from :mod:`~dolly_langchain.rag.store` (the file, its schema
+  and checks), :mod:`~dolly_langchain.rag.ingest` (chunking and adding) and :mod:`~dolly_langchain.rag.retrieval`
+  (ranking and fusion).
 - :mod:`dolly_langchain.rag.loaders`: reading text, Markdown, PDF and JSONL files into documents.
 - :mod:`dolly_langchain.rag.embeddings`: ``MeanPoolingEmbeddings``, offline all-MiniLM-L6-v2 (optional).
 - :mod:`dolly_langchain.rag.chain`: ``retrieval_qa_chain``, passages into Dolly's context prompt within the

@@ -13,6 +13,9 @@ that will answer. ``--embeddings minilm`` uses all-MiniLM-L6-v2 shipped on PyPI
 
 ``ask`` prints the answer, then the numbered sources (path and the first words of each passage). Errors (a
 missing or foreign index, an empty question, a model that cannot be loaded) are one line with exit code 2.
+
+This module is the ``rag`` subcommand of the ``dolly`` tree (:mod:`dolly_langchain.cli`): ``HELP``,
+``PARSER_OPTIONS``, ``configure`` and ``register``; ``index_command`` and ``ask_command`` run the two children.
 """
 
 from __future__ import annotations
@@ -28,17 +31,32 @@ from dolly_langchain.clitools import CLIError, add_generation_arguments, load_ll
 
 SOURCE_PREVIEW_WORDS = 12
 
+HELP = "answer questions from your documents"
+PARSER_OPTIONS: dict[str, Any] = {"description": "Index documents and ask questions about them."}
 
-def add_rag_commands(commands) -> None:
-    """Register ``dolly rag index`` and ``dolly rag ask`` on the ``dolly`` subparsers."""
-    rag = commands.add_parser(
-        "rag", help="answer questions from your documents", description="Index documents and ask questions about them."
-    )
-    actions = rag.add_subparsers(dest="rag_command", required=True)
 
-    index = actions.add_parser(
+def register(commands) -> None:
+    """Add ``dolly rag`` (with ``index`` and ``ask``) to the ``dolly`` subparsers."""
+    configure(commands.add_parser("rag", help=HELP, **PARSER_OPTIONS))
+
+
+#: The name this function had before the ``dolly`` command tree; kept for old callers.
+add_rag_commands = register
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``index`` and ``ask`` under ``parser``; each sets ``run`` to its command."""
+    actions = parser.add_subparsers(dest="rag_command", required=True)
+    configure_index(actions.add_parser(
         "index", help="add files and directories to an index", description="Add files and directories to an index."
-    )
+    ))
+    configure_ask(actions.add_parser(
+        "ask", help="answer a question from an index", description="Answer a question from an index."
+    ))
+
+
+def configure_index(index: argparse.ArgumentParser) -> None:
+    """The flags of ``dolly rag index``."""
     index.add_argument("paths", nargs="+", metavar="PATH", help=".txt, .md, .pdf, .jsonl files or directories")
     index.add_argument("--index", type=Path, required=True, metavar="FILE", help="the index file (SQLite)")
     index.add_argument(
@@ -61,7 +79,9 @@ def add_rag_commands(commands) -> None:
     )
     index.set_defaults(run=index_command)
 
-    ask = actions.add_parser("ask", help="answer a question from an index", description="Answer a question from an index.")
+
+def configure_ask(ask: argparse.ArgumentParser) -> None:
+    """The flags of ``dolly rag ask``."""
     ask.add_argument("question", help="what to ask")
     ask.add_argument("--index", type=Path, required=True, metavar="FILE", help="an index built by dolly rag index")
     ask.add_argument("--k", type=positive_int, default=4, metavar="N", help="passages to retrieve (default: 4)")

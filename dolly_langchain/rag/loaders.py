@@ -8,11 +8,13 @@ index reports it and goes on with the other files.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from langchain_core.documents import Document
+
+from dolly_langchain.errors import DollyError
+from dolly_langchain.files import BadLine, iter_jsonl
 
 TEXT_SUFFIXES = (".txt", ".text")
 MARKDOWN_SUFFIXES = (".md", ".markdown")
@@ -24,7 +26,7 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + MARKDOWN_SUFFIXES + PDF_SUFFIXES + JSONL_SU
 DEFAULT_TEXT_FIELD = "text"
 
 
-class UnreadableFileError(ValueError):
+class UnreadableFileError(DollyError, ValueError):
     """A file that cannot be indexed; the message is one line naming the file and the reason."""
 
 
@@ -95,13 +97,10 @@ def _read_jsonl(path: Path, text: str, source: str, text_field: str) -> list[Doc
     """One document per record: ``record[text_field]`` is the text, the other fields and ``line`` the metadata
     (a record's own ``source`` or ``line`` field gives way to the file path and line number)."""
     documents = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UnreadableFileError(f"{path}:{line_number}: invalid JSON ({err.msg})") from None
+    for line_number, record in iter_jsonl(path, text=text):
+        if isinstance(record, BadLine):  # "FILE:LINE: invalid JSON (Expecting ...)", as this reader always said
+            reason = record.reason.replace("not valid JSON", "invalid JSON", 1)
+            raise UnreadableFileError(f"{path}:{line_number}: {reason}")
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise UnreadableFileError(
                 f"{path}:{line_number}: no string field {text_field!r}; name the text field with --text-field"

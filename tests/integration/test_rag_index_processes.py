@@ -34,7 +34,7 @@ KILLED_WRITER = """
 import sys, time
 from pathlib import Path
 from transformers import AutoTokenizer
-import dolly_langchain.rag.index as index_module
+import dolly_langchain.rag.ingest as index_module
 from dolly_langchain.rag import DocumentIndex
 
 index_path, tokenizer_dir, marker, *files = sys.argv[1:]

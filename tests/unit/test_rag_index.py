@@ -18,7 +18,7 @@ import pytest
 from langchain_core.documents import Document
 from rag_helpers import CARS, HashEmbeddings, OtherHashEmbeddings, write_corpus, write_pdf
 
-import dolly_langchain.rag.index as index_module
+import dolly_langchain.rag.ingest as index_module
 from dolly_langchain.rag import DocumentIndex, IndexFileError, IndexMismatchError, IngestReport
 from dolly_langchain.rag.embeddings import MINILM, MINILM_INSTALL_COMMAND, MeanPoolingEmbeddings
 from dolly_langchain.rag.index import embeddings_identity
