@@ -2,9 +2,10 @@
 
 The pipeline, in the order it runs:
 
-1. :func:`load_records` reads the hub dataset ``databricks/databricks-dolly-15k`` or a local .jsonl/.json/.parquet/
-   .csv file into ``{"instruction", "context", "response"}`` dicts. Alpaca-style records (``instruction`` /
-   ``input`` / ``output``, dolly-v1's data) are mapped onto the same keys. A record with a missing or empty
+1. :func:`load_records` reads a hub dataset (by default ``databricks/databricks-dolly-15k``: databricks-dolly-15k
+   on the Hugging Face hub, CC BY-SA 3.0) or a local .jsonl/.json/.parquet/.csv file into
+   ``{"instruction", "context", "response"}`` dicts. Alpaca-style records (``instruction`` / ``input`` /
+   ``output``, dolly-v1's data) are mapped onto the same keys. A record with a missing or empty
    instruction or response stops the run with an error naming the file and the record (line) number, unless
    ``skip_bad_records``.
 2. :func:`add_dolly_special_tokens` adds ``### End``, ``### Instruction:`` and ``### Response:\\n`` to the tokenizer
@@ -14,6 +15,10 @@ The pipeline, in the order it runs:
    truncated, so no example loses its ``### End``) and marks the completion: every token after the
    ``### Response:\\n`` token. TRL's ``SFTTrainer`` turns that mask into labels (completion-only loss), which equal
    the labels Dolly's ``DataCollatorForCompletionOnlyLM`` produced.
+4. :func:`split_dataset` holds out ``--test-size`` records with the run's seed, as Dolly did.
+
+:func:`heldout_records` repeats steps 1, 3 (the length rule) and 4 for an evaluation: the records a run held out.
+This module imports nothing of the package but :mod:`finetune.common` (the error type and the default dataset).
 """
 
 from __future__ import annotations
@@ -25,15 +30,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dolly_langchain.errors import DollyError
+from dolly_langchain.files import BadLine, iter_jsonl
 from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS, RESPONSE_KEY_NL, format_training_text
+from finetune.common import DEFAULT_TRAINING_DATASET, FinetuneError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRAINING_DATASET = "databricks/databricks-dolly-15k"
+__all__ = [
+    "DEFAULT_TRAINING_DATASET", "LOCAL_SUFFIXES", "BadRecordError", "add_dolly_special_tokens", "build_dataset",
+    "heldout_records", "load_records", "split_dataset", "training_text",
+]
+
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-class BadRecordError(ValueError):
+class BadRecordError(DollyError, ValueError):
     """A training record lacks its instruction or response, or the file cannot be read as records."""
 
 
@@ -88,25 +100,20 @@ def _iter_raw_records(source: str | Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        n = 0
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            n += 1
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raw = _Unreadable(f"not valid JSON ({err.msg})")
-            yield f"record {n} (line {line_no})", raw
+    """Each non-blank line is a record; one that is not valid UTF-8 or JSON (or nests too deep to read) is a bad
+    record, reported (or skipped) like any other."""
+    for n, (line_no, raw) in enumerate(iter_jsonl(path), start=1):
+        if isinstance(raw, BadLine):
+            raw = _Unreadable(raw.reason)
+        yield f"record {n} (line {line_no})", raw
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        # Many ".json" datasets are JSON Lines (datasets.load_dataset("json") reads both).
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # Many ".json" datasets are JSON Lines (datasets.load_dataset("json") reads both); read line by line, which
+        # also names the line of a bad record.
         yield from _iter_jsonl(path)
         return
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -210,22 +217,71 @@ def build_dataset(records: list[dict[str, str]], tokenizer, max_length: int, bat
     if response_id is None or response_id == tokenizer.unk_token_id:
         raise ValueError(f"{RESPONSE_KEY_NL!r} is not a token: call add_dolly_special_tokens(tokenizer) first.")
     columns: dict[str, list] = {"input_ids": [], "completion_mask": []}
-    n_dropped = 0
-    for start in range(0, len(records), batch_size):
-        texts = [training_text(r) for r in records[start : start + batch_size]]
-        # Tokenized exactly as Dolly did (tokenizer(text), special tokens split out), but without truncation:
-        # Dolly truncated then dropped records of length >= max_length, which also dropped records of exactly
-        # max_length; knowing the true length, we keep those and drop only the ones truncation would cut.
-        for ids in tokenizer(texts)["input_ids"]:
-            if len(ids) > max_length:
-                n_dropped += 1
-                continue
-            # Dolly's collator masked everything up to and including the FIRST response-key token.
-            first = ids.index(response_id) + 1
-            columns["input_ids"].append(ids)
-            columns["completion_mask"].append([0] * first + [1] * (len(ids) - first))
+    kept = _tokenize_within(records, tokenizer, max_length, batch_size)
+    for _, ids in kept:
+        # Dolly's collator masked everything up to and including the FIRST response-key token.
+        first = ids.index(response_id) + 1
+        columns["input_ids"].append(ids)
+        columns["completion_mask"].append([0] * first + [1] * (len(ids) - first))
+    n_dropped = len(records) - len(kept)
     if n_dropped:
         logger.warning(
             "Dropped %d of %d records longer than --max-length %d tokens", n_dropped, len(records), max_length
         )
     return Dataset.from_dict(columns), n_dropped
+
+
+def _tokenize_within(records: list[dict[str, str]], tokenizer, max_length: int,
+                     batch_size: int = 1000) -> list[tuple[dict[str, str], list[int]]]:
+    """The length rule, shared by training and :func:`heldout_records`: ``(record, token ids)`` of each record whose
+    training text is at most ``max_length`` tokens, in order; the others are dropped.
+
+    Tokenized exactly as Dolly did (``tokenizer(text)``, special tokens split out), but without truncation: Dolly
+    truncated then dropped records of length >= max_length, which also dropped records of exactly max_length;
+    knowing the true length, we keep those and drop only the ones truncation would cut.
+    """
+    kept = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        for record, ids in zip(batch, tokenizer([training_text(r) for r in batch])["input_ids"]):
+            if len(ids) <= max_length:
+                kept.append((record, ids))
+    return kept
+
+
+# --- 4. Split ---------------------------------------------------------------------------------------------------
+
+
+def split_dataset(dataset, test_size: int | float, seed: int):
+    """Dolly's split: shuffle with the seed, hold out ``test_size`` records (0: no evaluation).
+
+    Returns ``(train, held_out)`` datasets (``held_out`` is None for ``test_size`` 0). Which records are held out
+    depends only on the number of records, ``test_size`` and ``seed``.
+    """
+    if not test_size:
+        return dataset.shuffle(seed=seed), None
+    if isinstance(test_size, int) and test_size >= len(dataset):
+        raise FinetuneError(
+            f"--test-size {test_size} leaves no training records: only {len(dataset)} usable records. Pass a "
+            "smaller --test-size (a count, or a ratio such as 0.05)."
+        )
+    split = dataset.train_test_split(test_size=test_size, seed=seed)
+    return split["train"], split["test"]
+
+
+def heldout_records(training_dataset: str | Path, *, max_records: int | None = None, skip_bad_records: bool = False,
+                    tokenizer, max_length: int, test_size: int | float, seed: int) -> list[dict[str, str]]:
+    """The records a ``dolly-finetune`` run with these flags held out, as ``{"instruction", "context", "response"}``.
+
+    The same steps as training: :func:`load_records` (``--training-dataset``, ``--max-records``,
+    ``--skip-bad-records``), drop the records longer than ``max_length`` tokens (training's rule; pass the run's own
+    tokenizer, which carries Dolly's tokens), then :func:`split_dataset` with ``test_size`` and ``seed``. Since the
+    split depends only on the number of records and the seed, an index dataset stands in for the tokenized one.
+    ``test_size`` 0 held out nothing: ``[]``. Raises :class:`BadRecordError` when the data cannot be read again.
+    """
+    from datasets import Dataset
+
+    records, _ = load_records(training_dataset, max_records, skip_bad_records)
+    kept = [record for record, _ in _tokenize_within(records, tokenizer, max_length)]
+    _, held_out = split_dataset(Dataset.from_dict({"i": list(range(len(kept)))}), test_size, seed)
+    return [] if held_out is None else [kept[i] for i in held_out["i"]]

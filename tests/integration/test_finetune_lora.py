@@ -188,7 +188,7 @@ def test_killed_lora_run_never_looks_finished_and_resumes_to_the_same_loss(tmp_p
 
 def test_run_killed_while_saving_never_looks_finished(tmp_path, tiny_neox_dir, monkeypatch):
     """Killed after the model was written but before the rename that publishes it: the root's links dangle."""
-    import finetune.train as ft
+    import finetune.rundir as ft
 
     data = write_jsonl(tmp_path / "dolly.jsonl", synthetic_records(16))
     argv = cli_args(tiny_neox_dir, data, tmp_path / "run", "--epochs", "1", "--save-steps", "100")
