@@ -5,11 +5,12 @@
     python benchmarks/eval_card.py MODEL --samples 500 --device cuda --batch-size 64
 
 Runs ``dolly-eval``'s own code (lm-evaluation-harness, official task definitions, the card's metrics) on openbookqa,
-arc_easy, winogrande, arc_challenge, piqa and boolq: the tasks of ``../shared/eval`` (hellaswag is not there). Reports
-per task the score, its standard error, the documents scored and the seconds it took, and estimates the wall time of
-the full splits by scaling each task's time by (full split / sample). Results are cached like ``dolly-eval``'s, so
-an interrupted run continues where it stopped; a task found in the cache is reported with ``"cached": true`` and no
-timing (``--fresh-cache DIR`` points the cache at an empty directory to time everything).
+arc_easy, winogrande, arc_challenge, piqa and boolq: the tasks whose original files this repository's CI keeps in
+``$DOLLY_EVAL_DIR`` (hellaswag is not among them; ``dolly_langchain/evaluation/taskdata.py`` lists where each comes
+from). Reports per task the score, its standard error, the documents scored and the seconds it took, and estimates
+the wall time of the full splits by scaling each task's time by (full split / sample). Results are cached like
+``dolly-eval``'s, so an interrupted run continues where it stopped; a task found in the cache is reported with
+``"cached": true`` and no timing (``--fresh-cache DIR`` points the cache at an empty directory to time everything).
 
 For comparison, SmolLM2-135M-Instruct's model card (lighteval, a different prompt protocol: chat template, other
 normalisation) publishes HellaSwag 40.9, ARC (mean of easy and challenge) 37.3 and PIQA 66.3.
@@ -61,10 +62,11 @@ def measure(argv: list[str] | None = None) -> dict:
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from dolly_langchain.generation import EMBEDDED_MODEL_LABEL
     from dolly_langchain.models import load_model_and_tokenizer, resolve_model_path
-    from finetune.evaluation import harness
-    from finetune.evaluation.card import CARD_METRICS, FULL_SPLIT_SIZES
-    from finetune.evaluation.taskdata import load_docs
+    from dolly_langchain.evaluation import harness
+    from dolly_langchain.evaluation.card import CARD_METRICS, FULL_SPLIT_SIZES
+    from dolly_langchain.evaluation.taskdata import load_docs
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     start = time.perf_counter()
@@ -78,7 +80,7 @@ def measure(argv: list[str] | None = None) -> dict:
     model.to(args.device)
     lm = harness.make_lm(model, tokenizer, args.batch_size)
     load_seconds = time.perf_counter() - start
-    report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "samples": args.samples, "seed": args.seed,
+    report = {"model": args.model or EMBEDDED_MODEL_LABEL, "samples": args.samples, "seed": args.seed,
               "batch_size": args.batch_size, "device": args.device, "cpu_count": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "load_seconds": round(load_seconds, 1),
               "tasks": {}}

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = save_final_model(trainer, Path(args.output_dir))
     steps = trainer.state.global_step
     if args.evaluate:  # what dolly-finetune records in every run directory: how to find the held-out records again
-        from finetune.evaluation.generation import record_split
+        from dolly_langchain.evaluation.generation import record_split
 
         record_split(args.output_dir, train_args, trainer.args.max_length, len(trainer.eval_dataset))
     del trainer
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 def compare_base_and_finetuned(args: argparse.Namespace, model_dir: Path) -> int:
     """``dolly-eval BASE FINETUNED``: the card's table and/or answers to the run's held-out records, side by side."""
     from dolly_langchain.models import embedded_model_path
-    from finetune.evaluate import main as dolly_eval
+    from dolly_langchain.evaluation.cli import main as dolly_eval
 
     argv = [str(embedded_model_path()), str(model_dir), "--samples", str(args.eval_samples),
             "--max-new-tokens", str(args.max_new_tokens), "--output", str(Path(args.output_dir) / "eval")]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.evaluate import main
-from finetune.evaluation import harness
+from dolly_langchain.evaluation import harness
+from dolly_langchain.evaluation.cli import main
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from finetune.evaluation.card import (
+from dolly_langchain.evaluation.card import (
     CARD_METRICS, CARD_ROWS, CARD_TASKS, FULL_SPLIT_SIZES, Row, Score, card_rows, format_table, gmean, plot_chart,
     rows_to_json,
 )

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from finetune.evaluate import main
-from finetune.evaluation import harness
+from dolly_langchain.evaluation import harness
+from dolly_langchain.evaluation.cli import main
 from eval_helpers import write_eval_dir
 
 
@@ -65,7 +65,7 @@ def test_a_repeated_run_comes_from_the_cache_without_loading_the_model(tmp_path,
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although every task is cached")
 
-    monkeypatch.setattr("finetune.evaluate._load_lm", no_model)
+    monkeypatch.setattr("dolly_langchain.evaluation.runner._load_lm", no_model)
     assert _run(capsys, *argv)[0] == 0
     assert json.loads((tmp_path / "out/results.json").read_text())["card"]["rows"][0] == first
     assert first["sample"] is None and first["scores"]["piqa"]["n"] == 2  # full split, labelled as such

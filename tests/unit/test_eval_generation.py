@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from finetune.evaluate import main
-from finetune.evaluation.generation import SPLIT_RECORD_FILE, heldout_records, rouge_l
+from dolly_langchain.evaluation.cli import main
+from dolly_langchain.evaluation.generation import SPLIT_RECORD_FILE, heldout_records, rouge_l
 from conftest import MEMORIZED
 from finetune_helpers import cli_args, synthetic_records, write_jsonl
 

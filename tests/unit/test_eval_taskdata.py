@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.evaluation import harness
-from finetune.evaluation.taskdata import MissingTaskFile, TaskDataError, load_docs
+from dolly_langchain.evaluation import harness
+from dolly_langchain.evaluation.taskdata import MissingTaskFile, TaskDataError, load_docs
 from eval_helpers import write_eval_dir
 
 
