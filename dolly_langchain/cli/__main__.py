@@ -1,0 +1,5 @@
+import sys
+
+from dolly_langchain.cli import main
+
+sys.exit(main())
