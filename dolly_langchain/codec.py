@@ -266,9 +266,10 @@ class ResponseWatcher:
 
     def finish(self) -> str:
         rest = self._decode(self.ids[self._prefix :])[len(self._decode(self.ids[self._prefix : self._read])) :]
-        if rest and not self.text.stopped:
-            self.text.feed(rest)
-        return self.text.finish()
+        # Text held back until generation ended (an incomplete multi-byte character decodes as U+FFFD until its
+        # last byte comes) still belongs to the answer: feed() may release some of it, finish() the rest.
+        released = self.text.feed(rest) if rest and not self.text.stopped else ""
+        return released + self.text.finish()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""

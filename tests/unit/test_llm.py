@@ -305,3 +305,19 @@ def test_the_pipeline_itself_refuses_a_prompt_over_the_window(llm, count_generat
     with pytest.raises(ValueError, match=_window_error(tokens)):
         llm.pipeline(prompt, max_new_tokens=40)
     assert count_generate == []
+
+
+def test_a_tail_held_back_until_generation_ends_is_streamed(dolly_tokenizer):
+    """A row that ends on part of a multi-byte character: the watcher held it back (it decodes as U+FFFD until the
+    rest arrives) and must still emit it at the end, so the stream equals the decoded answer."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from dolly_langchain.codec import ResponseWatcher
+
+    ids = dolly_tokenizer("Paris is", add_special_tokens=False)["input_ids"]
+    ids.append(dolly_tokenizer.convert_tokens_to_ids(bytes_to_unicode()[0xC3]))  # first byte of "é" only
+    expected = dolly_tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert expected.endswith("\ufffd")
+    watcher = ResponseWatcher(dolly_tokenizer, [])
+    streamed = "".join(watcher.push(i)[0] for i in ids) + watcher.finish()
+    assert streamed == expected
