@@ -189,6 +189,6 @@ def _chunk(item: str | Completion) -> ChatGenerationChunk | None:
     if isinstance(item, str):
         return ChatGenerationChunk(message=AIMessageChunk(content=item))
     metadata = _metadata(item)
-    if not metadata:
-        return None
+    if not metadata and item.text:
+        return None  # the text came in the chunks before; an empty answer still streams one (empty) chunk
     return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=metadata))

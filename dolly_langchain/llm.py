@@ -132,7 +132,8 @@ class DollyLLM(DollyModelFields, BaseLLM):
         if isinstance(item, str):
             return GenerationChunk(text=item)
         info = _info(item)
-        return GenerationChunk(text="", generation_info=info) if info else None
+        # An empty answer still streams one (empty) chunk: LangChain refuses a stream that yields none.
+        return GenerationChunk(text="", generation_info=info) if info or not item.text else None
 
 
 def _info(completion: Completion) -> dict[str, Any] | None:

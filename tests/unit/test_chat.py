@@ -127,3 +127,9 @@ def test_from_llm_shares_the_model_and_scheduler(memorized_neox_dir):
     assert chat.runtime is llm.runtime and chat.max_new_tokens == 40 and chat.do_sample is False
     assert chat._identifying_params["engine"] == "transformers"
     assert chat._get_ls_params()["ls_model_type"] == "chat"
+
+
+def test_an_empty_answer_streams_as_one_empty_chunk(chat):
+    assert chat.invoke(FRANCE[0], stop=["Paris"]).content == ""
+    chunks = list(chat.stream(FRANCE[0], stop=["Paris"]))  # LangChain refuses a stream without chunks
+    assert chunks and "".join(c.content for c in chunks) == ""

@@ -321,3 +321,15 @@ def test_a_tail_held_back_until_generation_ends_is_streamed(dolly_tokenizer):
     watcher = ResponseWatcher(dolly_tokenizer, [])
     streamed = "".join(watcher.push(i)[0] for i in ids) + watcher.finish()
     assert streamed == expected
+
+
+def test_an_empty_answer_streams_as_one_empty_chunk(llm):
+    """A stop string at the very start leaves nothing to say: invoke gives "", and stream one "" (LangChain refuses a
+    stream without chunks)."""
+    assert llm.invoke(FRANCE[0], stop=["Paris"]) == ""
+    assert list(llm.stream(FRANCE[0], stop=["Paris"])) == [""]
+
+    async def collect():
+        return [c async for c in llm.astream(FRANCE[0], stop=["Paris"])]
+
+    assert asyncio.run(collect()) == [""]
