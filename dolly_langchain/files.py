@@ -4,8 +4,8 @@ Each is written once here and imported by the RAG loaders, the training data, th
 
 - :func:`iter_jsonl`: ``(line number, value)`` per non-blank line; a bad line becomes a :class:`BadLine` value that
   names ``file:line`` and why, so a caller can stop at it (``raise bad.error(...)``) or skip it and go on.
-- :func:`write_text_atomically`, :func:`write_json_atomically`: a temporary file beside the target, renamed into
-  place; readers see the old file or the new one, never half of one.
+- :func:`atomic_file`, :func:`write_text_atomically`, :func:`write_json_atomically`: a temporary file beside the
+  target, renamed into place; readers see the old file or the new one, never half of one.
 - :func:`publish_dir` (a new directory, e.g. a cache entry another process may be writing too) and
   :func:`replace_dir` (swap a finished directory in for an old one).
 - :func:`checkpoint_fingerprint`: a short hash that changes when a checkpoint's files change, cheap on multi-GB
@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "BadLine",
+    "atomic_file",
     "checkpoint_fingerprint",
     "iter_jsonl",
     "publish_dir",
@@ -96,17 +97,17 @@ def _parse_lines(name: str, lines: Iterable[bytes | str]) -> Iterator[tuple[int,
 # --- atomic writes --------------------------------------------------------------------------------------------------
 
 
-def write_text_atomically(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same directory and one rename.
-
-    The file gets ordinary permissions (``mkstemp`` creates it owner-only); parent directories are created.
-    """
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (by any writer: ``savefig``, ``save``...), renamed to ``path`` with
+    ordinary permissions when the block ends (``mkstemp`` creates files owner-only); removed if the block fails.
+    ``suffix`` keeps an extension a writer reads the format from. Parent directories are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
+        yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -114,7 +115,14 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same directory and one rename
+    (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json_atomically(path: str | Path, data: Mapping | list) -> Path:

@@ -27,11 +27,11 @@ compare against, not a value this tool reproduces to the item.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from dolly_langchain.files import atomic_file
 
 #: The card's columns, in its order.
 CARD_TASKS = ("openbookqa", "arc_easy", "winogrande", "hellaswag", "arc_challenge", "piqa", "boolq")
@@ -223,24 +223,9 @@ def plot_chart(rows: Sequence[Row], path: Path, tasks: Sequence[str] = CARD_TASK
     ax.set_title("Dolly model card tasks, zero-shot (lm-evaluation-harness); error bars: ±1 s.e.", fontsize=9)
     ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")
-        _publish(tmp, path)
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Rename a finished temporary file into place with ordinary permissions (mkstemp creates it owner-only), as
-    :func:`dolly_langchain.files.write_text_atomically` does for text (matplotlib writes the PNG to a path)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    return Path(path)
