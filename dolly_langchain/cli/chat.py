@@ -8,7 +8,8 @@ Type a message and press Enter; the answer streams in token by token. The conver
 the turns before it (through :class:`~dolly_langchain.chat.ChatDolly`: the model's chat template, or Dolly's
 instruction format with the history as context). When the conversation outgrows the model's window, the oldest
 turns are dropped (and a note says so). ``/reset`` starts over (the ``--system`` message stays), ``/exit`` or
-Ctrl-D leaves, Ctrl-C stops an answer half-way (the turn is discarded) or, at the prompt, leaves.
+Ctrl-D leaves, ``/help`` lists the commands, Ctrl-C stops an answer half-way (the turn is discarded) or, at the
+prompt, leaves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ PARSER_OPTIONS = {
     "description": "A multi-turn chat with the model in the terminal. Commands: /reset clears the conversation, "
     "/exit (or Ctrl-D) leaves.",
 }
-COMMANDS = {"/reset": "forget the conversation (the --system message stays)", "/exit": "leave (Ctrl-D too)"}
+COMMANDS = {
+    "/reset": "forget the conversation; the --system message stays",
+    "/exit": "leave; Ctrl-D too",
+    "/help": "list these commands",
+}
 
 
 def register(commands) -> None:
@@ -44,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
-        print(f"dolly chat with {chat.model_id}. /reset starts over, /exit or Ctrl-D leaves.", file=sys.stderr)
+        print(f"dolly chat with {chat.model_id}. /reset starts over, /exit or Ctrl-D leaves, /help lists commands.",
+              file=sys.stderr)
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -65,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
                 session.reset()
                 print("(conversation cleared)", file=sys.stderr)
             else:
-                known = ", ".join(f"{name} ({what})" for name, what in COMMANDS.items())
-                print(f"unknown command {text.split()[0]}; commands: {known}", file=sys.stderr)
+                if text != "/help":
+                    print(f"unknown command {text.split()[0]}", file=sys.stderr)
+                print("\n".join(f"  {name:7} {what}" for name, what in COMMANDS.items()), file=sys.stderr)
             continue
         session.say(text)
 

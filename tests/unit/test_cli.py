@@ -114,7 +114,7 @@ def test_chat_keeps_the_conversation_resets_and_exits(capsys, monkeypatch, memor
     code, out, err = run(capsys, "chat", "--model", str(memorized_neox_dir), "--max-new-tokens", "40")
     assert code == 0
     assert out == f"{FRANCE[2]}\n{COLOR[2]}\n"  # each question alone after /reset: the memorized answers
-    assert "(conversation cleared)" in err and "unknown command /nonsense" in err
+    assert "(conversation cleared)" in err and "unknown command /nonsense" in err and "/reset " in err
 
 
 def test_chat_ends_at_end_of_input(capsys, monkeypatch, memorized_neox_dir):
