@@ -173,8 +173,8 @@ def build_parser(presets: dict[str, dict], epilog: str | None = None) -> argpars
 
 
 def add_training_flags(parser: argparse.ArgumentParser, presets: dict[str, dict], *, require_output_dir: bool = True,
-                       hidden: bool = False) -> None:
-    """Add every training flag to ``parser``, each default wrapped in a :class:`Default`.
+                       hidden: bool = False) -> list[argparse.Action]:
+    """Add every training flag to ``parser``, each default wrapped in a :class:`Default`; return their actions.
 
     ``require_output_dir=False`` leaves ``--local-output-dir`` to the caller to check (a parser with subcommands,
     where argparse would demand it of ``plan`` too). ``hidden`` keeps the flags out of ``--help`` (``plan`` reads
@@ -277,7 +277,11 @@ def add_training_flags(parser: argparse.ArgumentParser, presets: dict[str, dict]
                help="With --eval-after: a seeded N documents per task / held-out records (default: all).")
     # Wrapped after the actions are built, so that each action (BooleanOptionalAction adds "(default: ...)" to its
     # own help when built) sees its plain default, exactly as without the wrapping.
-    parser.set_defaults(**{action.dest: Default(action.default) for action in actions})
+    # Set on the actions rather than with parser.set_defaults, which would also store them parser-wide, where a
+    # subcommand's parser (`plan`) would copy them over the values its parent parsed.
+    for action in actions:
+        action.default = Default(action.default)
     if hidden:
         for action in actions:
             action.help = argparse.SUPPRESS
+    return actions

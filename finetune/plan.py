@@ -109,9 +109,14 @@ PARSER_OPTIONS = {
 }
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
     """The plan's own flags, and every training flag (read, but left out of ``--help``: the training command
-    documents them)."""
+    documents them).
+
+    ``nested``: ``plan`` is a subcommand of a parser that holds the training flags too (``dolly finetune plan``).
+    argparse copies a subcommand's namespace over its parent's, so here the training flags get no defaults: a flag
+    given before ``plan`` (``dolly finetune --preset X plan``) keeps its value unless given again after it.
+    """
     from finetune.common import add_training_flags
     from finetune.presets import PRESETS
 
@@ -125,13 +130,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--mean-record-tokens", type=float, help="Mean tokens per record, for step counts with --packing. "
         "Default: measured for databricks-dolly-15k (200).")
     add("--json", action="store_true", help="Print the plan as JSON.")
-    add_training_flags(parser, PRESETS, require_output_dir=False, hidden=True)
+    training = add_training_flags(parser, PRESETS, require_output_dir=False, hidden=True)
+    if nested:
+        for action in training:  # not set_defaults: that would put the SUPPRESS marker itself into the namespace
+            action.default = argparse.SUPPRESS
     parser.set_defaults(run=run)
 
 
 def register(commands) -> None:
-    """Add ``plan`` to a command's subcommands (``dolly finetune plan``)."""
-    configure(commands.add_parser("plan", help=HELP, **PARSER_OPTIONS))
+    """Add ``plan`` to the subcommands of ``dolly finetune``, whose parser holds the training flags."""
+    configure(commands.add_parser("plan", help=HELP, **PARSER_OPTIONS), nested=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
