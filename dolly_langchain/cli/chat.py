@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from dolly_langchain.clitools import add_model_arguments, load_llm
+from dolly_langchain.errors import DollyError
 
 HELP = "talk with the model, turn by turn (history kept, answers streamed)"
 PARSER_OPTIONS = {
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         if not text:
             continue
         if text.startswith("/"):
-            if text in ("/exit", "/quit"):
+            if text == "/exit":
                 return 0
             if text == "/reset":
                 session.reset()
@@ -92,42 +93,39 @@ class ChatSession:
         self.messages = list(self.opening)
 
     def say(self, text: str) -> str | None:
-        """Stream the answer to ``text`` to stdout and keep both in the history; ``None`` if it was cut short."""
+        """Stream the answer to ``text`` to stdout and keep both in the history; ``None`` (and the history as it
+        was) when the answer was interrupted or the message cannot be answered."""
         from langchain_core.messages import AIMessage, HumanMessage
 
-        self.messages.append(HumanMessage(text))
-        self._fit_window()
+        conversation, dropped = self._fitted([*self.messages, HumanMessage(text)])
         parts: list[str] = []
         try:
-            for chunk in self.chat.stream(self.messages):
+            for chunk in self.chat.stream(conversation):
                 print(chunk.content, end="", flush=True)
                 parts.append(chunk.content)
         except KeyboardInterrupt:
             print("\n(answer interrupted; that turn is discarded)", file=sys.stderr)
-            self.messages.pop()
             return None
-        except ValueError as err:  # a message that alone does not fit the window
+        except DollyError as err:  # e.g. a message that alone does not fit the window
             print(f"dolly: error: {err}", file=sys.stderr)
-            self.messages.pop()
             return None
         print()
-        answer = "".join(parts)
-        self.messages.append(AIMessage(answer))
-        return answer
-
-    def _fit_window(self) -> None:
-        """Drop the oldest turns, a question and its answer at a time (never the system message or the new message),
-        until the prompt and a full answer fit the model's window."""
-        window = self.chat.context_window
-        if window is None:
-            return
-        dropped = 0
-        first = len(self.opening)
-        while (len(self.messages) - first > 1
-               and self.chat.count_prompt_tokens(self.messages) + self.chat.max_new_tokens > window):
-            n = min(2, len(self.messages) - first - 1)
-            del self.messages[first:first + n]
-            dropped += n
         if dropped:
             print(f"(dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit the model's window of "
-                  f"{window} tokens)", file=sys.stderr)
+                  f"{self.chat.context_window} tokens)", file=sys.stderr)
+        answer = "".join(parts)
+        self.messages = [*conversation, AIMessage(answer)]
+        return answer
+
+    def _fitted(self, messages: list) -> tuple[list, int]:
+        """``messages`` without their oldest turns, a question and its answer at a time (never the system message or
+        the new message), so that the prompt and a full answer fit the model's window; and how many were dropped."""
+        window = self.chat.context_window
+        first = len(self.opening)
+        dropped = 0
+        while (window is not None and len(messages) - first > 1
+               and self.chat.count_prompt_tokens(messages) + self.chat.max_new_tokens > window):
+            n = min(2, len(messages) - first - 1)
+            messages = messages[:first] + messages[first + n:]
+            dropped += n
+        return messages, dropped
