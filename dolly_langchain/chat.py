@@ -39,6 +39,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict
 
+from dolly_langchain.errors import DollyValueError, NotSupportedError
 from dolly_langchain.generation import OPTION_NAMES
 from dolly_langchain.lc_common import DollyModelFields
 from dolly_langchain.runtime import Completion
@@ -58,14 +59,14 @@ class ChatDolly(DollyModelFields, BaseChatModel):
     def from_llm(cls, llm, **fields: Any) -> ChatDolly:
         """A chat model on a ``DollyLLM``'s loaded model, engine and scheduler, with its generation options."""
         options = {name: getattr(llm, name) for name in ("model_id", *OPTION_NAMES, "batch_size")}
-        return cls(runtime=llm.runtime, **{**options, **fields})
+        return cls(runtime=llm.runtime, pipeline=llm.given_pipeline, **{**options, **fields})
 
     @property
     def _llm_type(self) -> str:
         return "dolly-chat"
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any):
-        raise NotImplementedError(
+        raise NotSupportedError(
             "ChatDolly does not support tool calling: Dolly-style models were not trained to call tools. "
             "Use a tool-calling model for agents, or put the tool's output into the conversation as text."
         )
@@ -143,14 +144,14 @@ def _roles(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
             role = "user"
         elif isinstance(message, AIMessage):
             if message.tool_calls:
-                raise ValueError("ChatDolly does not support tool calling: an AI message carries tool calls")
+                raise DollyValueError("ChatDolly does not support tool calling: an AI message carries tool calls")
             role = "assistant"
         elif isinstance(message, SystemMessage):
             role = "system"
         elif isinstance(message, ChatMessage) and message.role in _CHAT_ROLES:
             role = _CHAT_ROLES[message.role]
         else:
-            raise ValueError(
+            raise DollyValueError(
                 f"ChatDolly takes system, human and AI messages; got a {message.type!r} message "
                 "(no tool calling: put tool output into a human message as text)"
             )
@@ -169,7 +170,7 @@ def _text(message: BaseMessage) -> str:
             parts.append(block.get("text", ""))
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise ValueError(f"ChatDolly reads text only; a {message.type} message holds a {kind!r} block")
+            raise DollyValueError(f"ChatDolly reads text only; a {message.type} message holds a {kind!r} block")
     return "".join(parts)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dolly_langchain.errors import DollyTypeError, DollyValueError
 from dolly_langchain.generation import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_GENERATION,
@@ -24,9 +25,9 @@ class DollyModelFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    pipeline: Any = None
-    """Bring your own :class:`~dolly_langchain.pipeline.InstructionTextGenerationPipeline` (its runtime is used); on
-    the transformers engine, the pipeline adapter over this model's runtime; ``None`` on the ctranslate2 engine."""
+    given_pipeline: Any = Field(default=None, alias="pipeline", exclude=True)
+    """``pipeline=``: bring your own :class:`~dolly_langchain.pipeline.InstructionTextGenerationPipeline`; its
+    runtime is used (and shared). Read it back as :attr:`pipeline`."""
     runtime: Any = Field(default=None, exclude=True)
     """The :class:`~dolly_langchain.runtime.DollyRuntime`: codec, engine and the scheduler that batches calls."""
     model_id: str | None = None
@@ -50,23 +51,18 @@ class DollyModelFields(BaseModel):
     @model_validator(mode="after")
     def _attach_runtime(self):
         if self.runtime is None:
-            # A pipeline brings its runtime (InstructionTextGenerationPipeline.runtime); checked by what it holds, so
-            # this module needs no import of the compatibility adapter.
-            self.runtime = getattr(self.pipeline, "runtime", None)
-            if not isinstance(self.runtime, DollyRuntime):
-                raise ValueError(
+            if self.given_pipeline is None:
+                raise DollyValueError(
                     f"{type(self).__name__} needs pipeline=InstructionTextGenerationPipeline(...), runtime=..., or "
                     f"{type(self).__name__}.from_model_id(...)"
                 )
-        elif not isinstance(self.runtime, DollyRuntime):
-            raise ValueError("runtime must be a dolly_langchain.runtime.DollyRuntime")
-        elif self.pipeline is None and self.runtime.engine.name == "transformers":
-            # Dolly's users reach the transformers objects through ``llm.pipeline`` (model, tokenizer, a callable
-            # pipeline): give them the compatibility adapter over this same runtime. Generation never goes through
-            # it, and this is the one place outside the adapter that imports it (lazily, for transformers only).
-            from dolly_langchain.pipeline import InstructionTextGenerationPipeline
-
-            self.pipeline = InstructionTextGenerationPipeline.from_runtime(self.runtime)
+            try:
+                self.runtime = self.given_pipeline.runtime
+            except AttributeError:
+                raise DollyValueError("pipeline= must be a dolly_langchain.pipeline.InstructionTextGenerationPipeline"
+                                      ) from None
+        if not isinstance(self.runtime, DollyRuntime):
+            raise DollyValueError("runtime must be a dolly_langchain.runtime.DollyRuntime")
         self.runtime.scheduler.batch_size = self.batch_size
         if self.model_id is None and self.runtime.engine.name == "transformers":
             self.model_id = self.runtime.engine.model.name_or_path or None
@@ -99,7 +95,7 @@ class DollyModelFields(BaseModel):
         """
         unknown = set(options) - set(_LOAD_OPTIONS)
         if unknown:
-            raise TypeError(f"{cls.__name__}.from_model_id() got unknown options: {sorted(unknown)}")
+            raise DollyTypeError(f"{cls.__name__}.from_model_id() got unknown options: {sorted(unknown)}")
         runtime = load_runtime(
             model_id, engine=engine, compute_type=compute_type, device=device, prompt_format=prompt_format,
             dtype=dtype, device_map=device_map, quantization_config=quantization_config, model_kwargs=model_kwargs,
@@ -107,6 +103,20 @@ class DollyModelFields(BaseModel):
         return cls(runtime=runtime, model_id=model_id or EMBEDDED_MODEL_LABEL, **options)
 
     # -- what callers may want to see --------------------------------------------------------------------------
+
+    @property
+    def pipeline(self):
+        """Dolly's :class:`~dolly_langchain.pipeline.InstructionTextGenerationPipeline` over this model's runtime
+        (the transformers engine; ``None`` on CTranslate2): the pipeline passed in, or one made on first access.
+
+        A compatibility adapter for code that reaches the transformers model, tokenizer or pipeline through
+        ``llm.pipeline``, as Dolly's users did; generation never goes through it, so it is imported only here.
+        """
+        if self.given_pipeline is None and self.runtime.engine.name == "transformers":
+            from dolly_langchain.pipeline import InstructionTextGenerationPipeline
+
+            self.given_pipeline = InstructionTextGenerationPipeline.from_runtime(self.runtime)
+        return self.given_pipeline
 
     @property
     def engine(self):
@@ -166,7 +176,7 @@ class DollyModelFields(BaseModel):
     def _sampling(self, kwargs: dict[str, Any]) -> SamplingOptions:
         unknown = set(kwargs) - set(OPTION_NAMES)
         if unknown:
-            raise TypeError(
+            raise DollyTypeError(
                 f"{type(self).__name__} got unknown keyword arguments {sorted(unknown)}; known: {list(OPTION_NAMES)}"
             )
         return sampling_options({name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES})

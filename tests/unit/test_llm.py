@@ -333,3 +333,33 @@ def test_an_empty_answer_streams_as_one_empty_chunk(llm):
         return [c async for c in llm.astream(FRANCE[0], stop=["Paris"])]
 
     assert asyncio.run(collect()) == [""]
+
+
+def test_the_pipeline_adapter_is_made_only_when_asked_for(memorized_neox_dir):
+    """Generation never needs Dolly's pipeline adapter: a transformers DollyLLM answers without importing it, and
+    ``llm.pipeline`` gives the adapter over the same runtime (so its calls share the batches)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dolly_langchain.llm import DollyLLM; from dolly_langchain.chat import ChatDolly; "
+        f"llm = DollyLLM.from_model_id({str(memorized_neox_dir)!r}, engine='transformers', do_sample=False, "
+        "max_new_tokens=8); llm.invoke('Name a primary color.'); ChatDolly.from_llm(llm).invoke('Hi'); "
+        "print('dolly_langchain.pipeline' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+    llm = DollyLLM.from_model_id(str(memorized_neox_dir), engine="transformers", do_sample=False, max_new_tokens=40)
+    assert llm.pipeline.runtime is llm.runtime and llm.pipeline is llm.pipeline
+    assert llm.pipeline(COLOR[0]) == [{"generated_text": COLOR[2]}]
+
+
+def test_the_pipeline_adapter_runs_on_transformers_only(memorized_neox_dir, ct2_cache):
+    pytest.importorskip("ctranslate2")
+    from dolly_langchain.pipeline import InstructionTextGenerationPipeline
+
+    llm = DollyLLM.from_model_id(str(memorized_neox_dir), engine="ctranslate2", compute_type="float32")
+    assert llm.pipeline is None
+    with pytest.raises(ValueError, match="transformers engine"):
+        InstructionTextGenerationPipeline.from_runtime(llm.runtime)
