@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.prompts import (
     DOLLY_SPECIAL_TOKENS,
     END_KEY,
@@ -71,14 +72,14 @@ class PromptCodec:
         eos_token_ids: Sequence[int] | int | None = None,
     ):
         if tokenizer is None:
-            raise ValueError("a tokenizer is needed: pass tokenizer=...")
+            raise DollyValueError("a tokenizer is needed: pass tokenizer=...")
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.prompt_format = prompt_format or detect_prompt_format(tokenizer, model_dir)
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+            raise DollyValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         self._control_ids = {
             token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
         }
@@ -108,16 +109,16 @@ class PromptCodec:
         """
         messages = [(role, text) for role, text in messages]
         if not messages:
-            raise ValueError("no messages: give the chat model at least one human message")
+            raise DollyValueError("no messages: give the chat model at least one human message")
         for role, text in messages:
             if role not in CHAT_ROLES:
-                raise ValueError(f"unsupported message role {role!r}; expected one of {CHAT_ROLES}")
+                raise DollyValueError(f"unsupported message role {role!r}; expected one of {CHAT_ROLES}")
             if not isinstance(text, str):
-                raise ValueError(f"message content must be text, got {type(text).__name__} for a {role} message")
+                raise DollyValueError(f"message content must be text, got {type(text).__name__} for a {role} message")
         if messages[-1][0] != "user":
-            raise ValueError(f"the last message must be a human message to answer, got a {messages[-1][0]} message")
+            raise DollyValueError(f"the last message must be a human message to answer, got a {messages[-1][0]} message")
         if not messages[-1][1].strip():
-            raise ValueError("the last human message is empty: give the model something to answer")
+            raise DollyValueError("the last human message is empty: give the model something to answer")
         if self.prompt_format == "chat":
             return self._chat_segments(messages)
         history = "\n\n".join(f"{_ROLE_LABELS[role]}: {text}" for role, text in messages[:-1])
@@ -131,7 +132,7 @@ class PromptCodec:
         )
         found = [int(m.group(1)) for m in _SENTINEL_PATTERN.finditer(rendered)]
         if found != list(range(len(messages))):
-            raise ValueError("the tokenizer's chat template does not place each message verbatim and in order; "
+            raise DollyValueError("the tokenizer's chat template does not place each message verbatim and in order; "
                              "pass prompt_format='dolly-text'")
         segments: list[tuple[str, bool]] = []
         start = 0

@@ -20,14 +20,16 @@ This module imports nothing heavy (no torch, transformers or langchain), so comm
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.models import EMBEDDED_MODEL_NAME
 
 __all__ = [
     "COMPUTE_TYPES",
     "COMPUTE_TYPE_CHOICES",
+    "ContextWindowError",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_GENERATION",
     "DEVICES",
@@ -52,7 +54,7 @@ ENGINE_CHOICES = ("auto", *ENGINES)
 #: ``"auto"`` is int8 on CPU and int8_float16 on CUDA.
 COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
 COMPUTE_TYPE_CHOICES = ("auto", *COMPUTE_TYPES)
-#: Where CTranslate2 runs.
+#: Where a model runs (``device=``, ``--device``).
 DEVICES = ("cpu", "cuda")
 
 #: Most prompts per engine batch: the prompts of one ``batch`` call and calls made at the same time share batches up
@@ -81,13 +83,17 @@ class SamplingOptions:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise DollyValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be above 0 when sampling, got {self.temperature}")
+            raise DollyValueError(f"temperature must be above 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise DollyValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (no cut-off) or more, got {self.top_k}")
+            raise DollyValueError(f"top_k must be 0 (no cut-off) or more, got {self.top_k}")
+
+
+#: What a missing option means: Dolly's default, else the SamplingOptions field's.
+_DEFAULTS = {**{f.name: f.default for f in fields(SamplingOptions)}, **DEFAULT_GENERATION}
 
 
 def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
@@ -102,9 +108,7 @@ def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
 
     def get(name: str):
         value = values.get(name)
-        if value is None:
-            value = DEFAULT_GENERATION.get(name, getattr(SamplingOptions, name))
-        return value
+        return _DEFAULTS[name] if value is None else value
 
     do_sample = bool(get("do_sample"))
     return SamplingOptions(
@@ -117,15 +121,19 @@ def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
     )
 
 
+class ContextWindowError(DollyValueError):
+    """A prompt and ``max_new_tokens`` that do not fit the model's window (a ``ValueError``, as before)."""
+
+
 def check_window(window: int | None, prompt_tokens: int, max_new_tokens: int | None) -> None:
-    """Raise a ``ValueError`` naming both numbers when prompt + ``max_new_tokens`` exceed ``window``.
+    """Raise a :class:`ContextWindowError` naming both numbers when prompt + ``max_new_tokens`` exceed ``window``.
 
     transformers only warns and then generates from positions the model never saw in training (or fails
     with a tensor size mismatch, as Dolly's users saw with RetrievalQA); refusing up front is clearer.
     """
     max_new_tokens = max_new_tokens or 0
     if window is not None and prompt_tokens + max_new_tokens > window:
-        raise ValueError(
+        raise ContextWindowError(
             f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
             f"{prompt_tokens + max_new_tokens} tokens do not fit the model's window of {window}. "
             "Shorten the context (or retrieve fewer passages), or lower max_new_tokens."

@@ -33,6 +33,7 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
 from dolly_langchain.codec import StreamingResponse
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.generation import EMBEDDED_MODEL_LABEL
 from dolly_langchain.lc_common import DollyModelFields
 from dolly_langchain.runtime import Completion
@@ -66,7 +67,7 @@ class DollyLLM(DollyModelFields, BaseLLM):
 
     def _encode(self, prompt: str, options) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty: give DollyLLM an instruction to answer")
+            raise DollyValueError("the prompt is empty: give DollyLLM an instruction to answer")
         return self._checked(self.codec.encode_prompt(prompt), options)
 
     def _generate(

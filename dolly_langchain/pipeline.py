@@ -34,6 +34,7 @@ import torch
 from transformers import Pipeline
 
 from dolly_langchain.codec import PROMPT_FORMATS, cut_at_stop, detect_prompt_format
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.generation import (  # noqa: F401  (check_window: importable from here as before)
     DEFAULT_GENERATION,
     OPTION_NAMES,
@@ -83,18 +84,18 @@ class InstructionTextGenerationPipeline(Pipeline):
             *args, do_sample=do_sample, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, task=task, **kwargs
         )
         if self.tokenizer is None:
-            raise ValueError("InstructionTextGenerationPipeline needs a tokenizer: pass tokenizer=...")
+            raise DollyValueError("InstructionTextGenerationPipeline needs a tokenizer: pass tokenizer=...")
         if runtime is None:
             runtime = DollyRuntime.for_transformers(self.model, self.tokenizer, prompt_format)
         elif runtime.engine.name != "transformers" or runtime.engine.model is not self.model:
-            raise ValueError("runtime= must be the transformers-engine runtime of this pipeline's model")
+            raise DollyValueError("runtime= must be the transformers-engine runtime of this pipeline's model")
         self.runtime = runtime
 
     @classmethod
     def from_runtime(cls, runtime: DollyRuntime, **kwargs: Any) -> InstructionTextGenerationPipeline:
         """The pipeline over a loaded transformers-engine runtime (sharing its model, codec and batches)."""
         if runtime.engine.name != "transformers":
-            raise ValueError(f"InstructionTextGenerationPipeline runs on the transformers engine, not "
+            raise DollyValueError(f"InstructionTextGenerationPipeline runs on the transformers engine, not "
                              f"{runtime.engine.name!r}")
         return cls(model=runtime.engine.model, tokenizer=runtime.tokenizer, runtime=runtime, **kwargs)
 
@@ -210,7 +211,7 @@ def _split_input(inputs) -> tuple[str, str | None]:
         return inputs, None
     if isinstance(inputs, dict) and "instruction" in inputs and set(inputs) <= {"instruction", "context"}:
         return inputs["instruction"], inputs.get("context") or None
-    raise ValueError(
+    raise DollyValueError(
         f"expected an instruction string or a dict with keys 'instruction' and optional 'context', got {inputs!r}"
     )
 

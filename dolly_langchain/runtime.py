@@ -17,6 +17,7 @@ from typing import Any
 from dolly_langchain.codec import PromptCodec
 from dolly_langchain.engines.base import GenerationEngine
 from dolly_langchain.engines.scheduler import DEFAULT_WINDOW, BatchScheduler, Request
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.generation import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, ENGINES, SamplingOptions, check_window
 
 _DONE = object()
@@ -182,11 +183,11 @@ def load_runtime(
     engine = resolve_engine(engine, model_id, transformers_only)
     if engine == "ctranslate2":
         if transformers_only:
-            raise ValueError(f"{sorted(transformers_only)} are transformers options; with engine='ctranslate2' use "
+            raise DollyValueError(f"{sorted(transformers_only)} are transformers options; with engine='ctranslate2' use "
                              "compute_type= and device= (or pass engine='transformers')")
         return _load_ctranslate2(model_id, compute_type, device or "cpu", prompt_format)
     if compute_type not in (None, "auto"):
-        raise ValueError("compute_type is a CTranslate2 option; with engine='transformers' pass dtype= (e.g. "
+        raise DollyValueError("compute_type is a CTranslate2 option; with engine='transformers' pass dtype= (e.g. "
                          "torch.bfloat16) or quantization_config=")
     from dolly_langchain.models import load_model_and_tokenizer
 
@@ -207,7 +208,7 @@ def resolve_engine(engine: str | None, model_id: str | None, transformers_only: 
 
         return "ctranslate2" if model_id is None and not transformers_only and available() else "transformers"
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {engine!r}")
+        raise DollyValueError(f"engine must be one of {ENGINE_CHOICES}, got {engine!r}")
     return engine
 
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dolly_langchain.errors import DollyError
+from dolly_langchain.errors import DollyError, DollyValueError
 from dolly_langchain.files import BadLine, iter_jsonl
 from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS, RESPONSE_KEY_NL, format_training_text
 from finetune.common import DEFAULT_TRAINING_DATASET, FinetuneError
@@ -215,7 +215,7 @@ def build_dataset(records: list[dict[str, str]], tokenizer, max_length: int, bat
 
     response_id = tokenizer.convert_tokens_to_ids(RESPONSE_KEY_NL)
     if response_id is None or response_id == tokenizer.unk_token_id:
-        raise ValueError(f"{RESPONSE_KEY_NL!r} is not a token: call add_dolly_special_tokens(tokenizer) first.")
+        raise DollyValueError(f"{RESPONSE_KEY_NL!r} is not a token: call add_dolly_special_tokens(tokenizer) first.")
     columns: dict[str, list] = {"input_ids": [], "completion_mask": []}
     kept = _tokenize_within(records, tokenizer, max_length, batch_size)
     for _, ids in kept:

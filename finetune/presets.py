@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dolly_langchain.errors import DollyLookupError, MissingFileError
+
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 #: What each shipped DeepSpeed config assumes (read by ``dolly-finetune plan``). ``gpu_memory_gb`` is the
@@ -206,9 +208,10 @@ PRESET_GPU: dict[str, str] = {
 
 
 def get_preset(name: str) -> dict:
-    """Return a copy of preset ``name``; an unknown name raises ``KeyError`` listing the known ones."""
+    """Return a copy of preset ``name``; an unknown name raises a ``KeyError`` (a
+    :class:`~dolly_langchain.errors.DollyLookupError`) listing the known ones."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise DollyLookupError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return dict(PRESETS[name])
 
 
@@ -218,7 +221,7 @@ def deepspeed_config_path(name_or_path: str | Path) -> Path:
         if candidate.is_file():
             return candidate.resolve()
     shipped = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.json")))
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"--deepspeed {name_or_path}: no such file. Pass a path to a DeepSpeed JSON config, or one of the "
         f"configs shipped in finetune/configs/: {shipped}."
     )

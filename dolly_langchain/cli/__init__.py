@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dolly_langchain.clitools import run_command
+from dolly_langchain.cli.ask import run as ask_command  # noqa: F401  (importable from here as before)
+from dolly_langchain.clitools import EXIT_USAGE, CLIError, run_command  # noqa: F401  (likewise)
 
 __all__ = ["build_parser", "main", "run_command"]
 

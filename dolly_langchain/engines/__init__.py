@@ -9,6 +9,7 @@
 :class:`~dolly_langchain.engines.scheduler.BatchScheduler` gathers concurrent calls into shared batches.
 """
 
-from dolly_langchain.engines.base import ENGINES, EngineOutput, GenerationEngine, SamplingOptions
+from dolly_langchain.engines.base import EngineOutput, GenerationEngine
+from dolly_langchain.generation import ENGINES, SamplingOptions
 
 __all__ = ["ENGINES", "EngineOutput", "GenerationEngine", "SamplingOptions"]

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from dolly_langchain.errors import DollyRuntimeError, DollyValueError, MissingDependencyError, NotSupportedError
 from dolly_langchain.files import checkpoint_fingerprint, publish_dir
 from dolly_langchain.generation import COMPUTE_TYPES
 from dolly_langchain.models import ModelNotFoundError, cache_dir, resolve_model_path
@@ -80,7 +81,7 @@ def convert_to_ctranslate2(source: str | Path, compute_type: str, *, cache: Path
     CTranslate2 cannot convert the checkpoint (an architecture it does not support, for instance).
     """
     if compute_type not in COMPUTE_TYPES:
-        raise ValueError(f"compute_type must be one of {', '.join(COMPUTE_TYPES)}; got {compute_type!r} "
+        raise DollyValueError(f"compute_type must be one of {', '.join(COMPUTE_TYPES)}; got {compute_type!r} "
                          "('auto' is resolved for a device before conversion)")
     ctranslate2_version = _ctranslate2_version()
     name, checkpoint, label = _resolve_source(source)
@@ -117,7 +118,7 @@ def _ctranslate2_version() -> str:
     try:
         return importlib.metadata.version("ctranslate2")
     except importlib.metadata.PackageNotFoundError:
-        raise ImportError("converting to CTranslate2 needs the ctranslate2 package: pip install 'ctranslate2>=4.5'"
+        raise MissingDependencyError("converting to CTranslate2 needs the ctranslate2 package: pip install 'ctranslate2>=4.5'"
                           ) from None
 
 
@@ -167,12 +168,12 @@ def _write_conversion(checkpoint: Path, out: Path, record: dict) -> None:
     try:
         config = AutoConfig.from_pretrained(checkpoint)
     except (OSError, ValueError, KeyError) as err:
-        raise RuntimeError(f"CTranslate2 cannot convert {record['source']}: its config.json does not load in "
+        raise DollyRuntimeError(f"CTranslate2 cannot convert {record['source']}: its config.json does not load in "
                            f"transformers ({err}); is it a transformers causal LM?") from err
     try:
         _converter(checkpoint).convert(str(out), quantization=record["compute_type"], force=True)
     except Exception as err:  # noqa: BLE001 - every converter failure means the same thing to the user
-        raise RuntimeError(f"CTranslate2 cannot convert {record['source']} (model_type {config.model_type!r}): "
+        raise DollyRuntimeError(f"CTranslate2 cannot convert {record['source']} (model_type {config.model_type!r}): "
                            f"{err}. Use engine='transformers' for this model.") from err
 
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
@@ -218,7 +219,7 @@ def _restore_gpt_neox_names(model) -> None:
     """Give a transformers 5 GPT-NeoX the transformers 4 names CTranslate2's loader reads (see :func:`_converter`)."""
     rope = model.config.rope_parameters
     if rope.get("rope_type", "default") != "default" or float(rope["rope_theta"]) != 10000.0:
-        raise NotImplementedError(
+        raise NotSupportedError(
             f"CTranslate2's GPT-NeoX converter supports only plain RoPE with base 10000; this checkpoint has "
             f"rope_parameters={rope}")
     model.config.rotary_pct = rope["partial_rotary_factor"]

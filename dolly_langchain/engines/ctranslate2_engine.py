@@ -28,11 +28,13 @@ from dolly_langchain.engines.base import (
     EngineOutput,
     GenerationEngine,
     RowTracker,
-    SamplingOptions,
     TokenCallback,
     length_groups,
 )
-from dolly_langchain.generation import COMPUTE_TYPE_CHOICES, DEVICES
+from dolly_langchain.errors import DollyValueError, MissingDependencyError
+from dolly_langchain.generation import COMPUTE_TYPE_CHOICES, DEVICES, SamplingOptions
+
+COMPUTE_TYPES = COMPUTE_TYPE_CHOICES  # this module's name for them before dolly_langchain.generation held them
 
 # Fixed cost of one decoding step of a batch, in prompt tokens' worth of compute (see length_groups). On CPU,
 # measured with SmolLM2-135M int8: a step costs ~16 ms plus ~3.5 ms per row, one prompt token ~1 ms. On CUDA the
@@ -47,7 +49,7 @@ def import_ctranslate2():
     try:
         import ctranslate2
     except ImportError as err:
-        raise ImportError(f"engine='ctranslate2' needs the ctranslate2 package: {INSTALL_HINT}") from err
+        raise MissingDependencyError(f"engine='ctranslate2' needs the ctranslate2 package: {INSTALL_HINT}") from err
     return ctranslate2
 
 
@@ -76,7 +78,7 @@ def default_intra_threads(device: str) -> int:
         try:
             return max(0, int(env))
         except ValueError:
-            raise ValueError(f"DOLLY_CT2_THREADS must be an integer, got {env!r}") from None
+            raise DollyValueError(f"DOLLY_CT2_THREADS must be an integer, got {env!r}") from None
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -88,17 +90,17 @@ def resolve_compute_type(compute_type: str, device: str) -> str:
     """Turn ``"auto"`` into a concrete type for ``device`` and check that the device supports it."""
     ctranslate2 = import_ctranslate2()
     if compute_type not in COMPUTE_TYPE_CHOICES:
-        raise ValueError(f"compute_type must be one of {COMPUTE_TYPE_CHOICES}, got {compute_type!r}")
+        raise DollyValueError(f"compute_type must be one of {COMPUTE_TYPE_CHOICES}, got {compute_type!r}")
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES} for engine='ctranslate2', got {device!r}")
+        raise DollyValueError(f"device must be one of {DEVICES} for engine='ctranslate2', got {device!r}")
     if device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
-        raise ValueError("device='cuda' but CTranslate2 sees no CUDA GPU; use device='cpu'")
+        raise DollyValueError("device='cuda' but CTranslate2 sees no CUDA GPU; use device='cpu'")
     supported = ctranslate2.get_supported_compute_types(device)
     if compute_type == "auto":
         preference = ("int8",) if device == "cpu" else ("int8_float16", "float16", "int8", "float32")
         return next((t for t in preference if t in supported), "float32")
     if compute_type not in supported:
-        raise ValueError(
+        raise DollyValueError(
             f"compute_type {compute_type!r} is not supported on {device} here; supported: {sorted(supported)}"
         )
     return compute_type
@@ -130,7 +132,7 @@ class CTranslate2Engine(GenerationEngine):
         )
         vocabulary = json.loads((self.model_dir / "vocabulary.json").read_text(encoding="utf-8"))
         if len(set(vocabulary)) != len(vocabulary):
-            raise ValueError(f"{self.model_dir}/vocabulary.json holds a token string twice; token ids would be "
+            raise DollyValueError(f"{self.model_dir}/vocabulary.json holds a token string twice; token ids would be "
                              "ambiguous for CTranslate2. Use engine='transformers' for this model.")
         self._vocabulary = vocabulary
         if context_window is None:
@@ -169,7 +171,7 @@ class CTranslate2Engine(GenerationEngine):
             return [self._vocabulary[i] for i in ids]
         except IndexError:
             bad = next(i for i in ids if not 0 <= i < len(self._vocabulary))
-            raise ValueError(f"token id {bad} is outside the model's vocabulary of {len(self._vocabulary)}") from None
+            raise DollyValueError(f"token id {bad} is outside the model's vocabulary of {len(self._vocabulary)}") from None
 
     def generate(
         self,

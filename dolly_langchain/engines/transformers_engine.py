@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from dolly_langchain.engines.base import EngineOutput, GenerationEngine, RowTracker, SamplingOptions, TokenCallback
+from dolly_langchain.engines.base import EngineOutput, GenerationEngine, RowTracker, TokenCallback
+from dolly_langchain.generation import SamplingOptions
 
 
 class TransformersEngine(GenerationEngine):

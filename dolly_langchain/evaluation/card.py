@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.files import atomic_file
 
 #: The card's columns, in its order.
@@ -116,7 +117,7 @@ def card_rows() -> list[Row]:
 def gmean(values: Sequence[float]) -> float:
     """Geometric mean, as the card's ``gmean`` column (0 if any value is 0)."""
     if not values:
-        raise ValueError("gmean of no values")
+        raise DollyValueError("gmean of no values")
     if any(v <= 0 for v in values):
         return 0.0
     return math.exp(sum(math.log(v) for v in values) / len(values))

@@ -97,7 +97,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="databricks-dolly-15k.jsonl for models that are not dolly-finetune runs "
                      "(default $DOLLY_15K_PATH).")
     gen.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_GENERATION["max_new_tokens"],
-                     help="Longest answer (Dolly's default: 256).")
+                     help=f"Longest answer (Dolly's default: {DEFAULT_GENERATION['max_new_tokens']}).")
     gen.add_argument("--engine", choices=ENGINES, default="transformers",
                      help="Generation engine; transformers (fp32 on CPU) is the reference.")
     parser.set_defaults(run=run)
@@ -132,3 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dolly-eval``; returns the exit status (0, or 2 after a one-line error)."""
     return run_command(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from typing import Any
 
 from dolly_langchain.evaluation.card import CARD_METRICS, FULL_SPLIT_SIZES, Score
 from dolly_langchain.evaluation.taskdata import EVAL_SPLITS
+from dolly_langchain.errors import DollyLookupError
 from dolly_langchain.files import checkpoint_fingerprint, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def task_config(name: str) -> dict[str, Any]:
 
     entry = task_manager().task_index.get(name)
     if entry is None or entry.yaml_path is None:
-        raise KeyError(f"lm-eval has no task {name!r}")
+        raise DollyLookupError(f"lm-eval has no task {name!r}")
     return load_yaml(entry.yaml_path, resolve_func=True)
 
 

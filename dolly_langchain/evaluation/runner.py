@@ -318,9 +318,9 @@ def after_training(args, trainer, final_dir: Path) -> None:
 
     run_dir = Path(args.local_output_dir)
     eval_dataset = trainer.eval_dataset
-    n_heldout = 0 if eval_dataset is None or getattr(args, "packing", False) else len(eval_dataset)
+    n_heldout = 0 if eval_dataset is None or args.packing else len(eval_dataset)
     record_split(run_dir, args, trainer.args.max_length, n_heldout)
-    if not getattr(args, "eval_after", None):
+    if not args.eval_after:
         return
     card = args.eval_after in ("card", "both")
     generation = args.eval_after in ("generation", "both")

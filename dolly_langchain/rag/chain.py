@@ -57,6 +57,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel
 
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.prompts import INSTRUCTION_WITH_CONTEXT_PROMPT
 
 NO_PASSAGES_ANSWER = "I found no passage about this question in the documents, so I cannot answer it from them."
@@ -123,12 +124,12 @@ class PromptPacker:
         else:
             count_tokens = llm.get_num_tokens
         if context_window is None or max_new_tokens is None:
-            raise ValueError(
+            raise DollyValueError(
                 "retrieval_qa_chain needs the model's window: pass context_window=... and max_new_tokens=... "
                 f"for a {type(llm).__name__}"
             )
         if max_new_tokens >= context_window:
-            raise ValueError(
+            raise DollyValueError(
                 f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a window of {context_window} tokens; "
                 "lower max_new_tokens"
             )
@@ -142,7 +143,7 @@ class PromptPacker:
         """
         scaffold = self.count_tokens(_render(question, ""))
         if scaffold > self.limit:
-            raise ValueError(
+            raise DollyValueError(
                 f"the question alone is {scaffold} tokens with Dolly's prompt scaffold, over the {self.limit} left "
                 "after max_new_tokens; shorten the question or lower max_new_tokens"
             )
@@ -161,7 +162,7 @@ class PromptPacker:
                 context = _join(context, cut)
             break
         if documents and not used:
-            raise ValueError(
+            raise DollyValueError(
                 f"the question takes {scaffold} of the {self.limit} prompt tokens left after max_new_tokens, leaving "
                 f"{self.limit - scaffold} for passages: fewer than min_passage_tokens={self.min_passage_tokens} of "
                 "the best one fit; shorten the question, lower max_new_tokens or min_passage_tokens"
@@ -217,8 +218,8 @@ def _question(inputs: str | dict) -> str:
     if isinstance(inputs, dict):
         keys = [key for key in ("question", "input", "instruction") if key in inputs]
         if len(keys) != 1:
-            raise ValueError(f"pass the question as a string or as {{'question': ...}}, got keys {sorted(inputs)}")
+            raise DollyValueError(f"pass the question as a string or as {{'question': ...}}, got keys {sorted(inputs)}")
         inputs = inputs[keys[0]]
     if not isinstance(inputs, str) or not inputs.strip():
-        raise ValueError("the question is empty: ask the chain something")
+        raise DollyValueError("the question is empty: ask the chain something")
     return inputs.strip()

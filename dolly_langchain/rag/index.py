@@ -47,6 +47,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.rag.ingest import Ingestion, IngestReport
 from dolly_langchain.rag.loaders import (  # noqa: F401 - importable from here as before the split
     MARKDOWN_SUFFIXES,
@@ -129,7 +130,7 @@ class DocumentIndex(IndexFile, Ingestion, Retrieval, BaseRetriever):
             # The default overlap would swallow small chunks; object.__setattr__ keeps it marked as a default.
             object.__setattr__(self, "chunk_overlap", self.chunk_tokens // 4)
         if self.chunk_overlap > self.chunk_tokens:
-            raise ValueError(
+            raise DollyValueError(
                 f"chunk_overlap={self.chunk_overlap} is more than chunk_tokens={self.chunk_tokens}; pass a smaller "
                 "chunk_overlap"
             )

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from langchain_core.documents import Document
 
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.rag.loaders import MARKDOWN_SUFFIXES, UnreadableFileError, expand_paths, read_file
 from dolly_langchain.rag.store import IndexFileError, IndexMismatchError, has_schema, normalise, utc_now
 
@@ -167,7 +168,7 @@ class Ingestion:
     def _chunk_rows(self, source: str, documents: list[Document]) -> list[tuple]:
         """``(chunk_id, source, position, text, metadata_json, content_hash)`` for each chunk of a source."""
         if self.tokenizer is None:
-            raise ValueError("adding documents needs the generating model's tokenizer: pass tokenizer=...")
+            raise DollyValueError("adding documents needs the generating model's tokenizer: pass tokenizer=...")
         rows = []
         markdown = Path(source).suffix.lower() in MARKDOWN_SUFFIXES
         for document in documents:

@@ -29,6 +29,7 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from typing_extensions import Self
 
+from dolly_langchain.errors import DollyTypeError, DollyValueError
 from dolly_langchain.rag.store import IndexMismatchError, has_schema, normalise
 
 SearchType = Literal["bm25", "dense", "hybrid"]
@@ -53,22 +54,22 @@ class Retrieval:
         """This index with other retrieval settings (``k``, ``filter``, ``search_type``, ``dense_weight``)."""
         unknown = set(settings) - {"k", "filter", "search_type", "dense_weight"}
         if unknown:
-            raise TypeError(f"as_retriever() got unknown settings {sorted(unknown)}")
+            raise DollyTypeError(f"as_retriever() got unknown settings {sorted(unknown)}")
         copy = self.model_copy(update=settings)
         copy._check_retrieval(copy.k, copy.filter, copy.search_type)
         if not isinstance(copy.dense_weight, (int, float)) or not 0 <= copy.dense_weight <= 1:
-            raise ValueError(f"dense_weight={copy.dense_weight!r}: pass a number from 0 to 1")
+            raise DollyValueError(f"dense_weight={copy.dense_weight!r}: pass a number from 0 to 1")
         return copy
 
     def _check_retrieval(self, k: Any, filter: Any, search_type: Any) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r}: pass the number of documents to return, 1 or more")
+            raise DollyValueError(f"k={k!r}: pass the number of documents to return, 1 or more")
         if filter is not None and not isinstance(filter, dict):
-            raise ValueError(f"filter={filter!r}: pass a dict such as {{'source': path}}")
+            raise DollyValueError(f"filter={filter!r}: pass a dict such as {{'source': path}}")
         if search_type not in (None, "bm25", "dense", "hybrid"):
-            raise ValueError(f"search_type={search_type!r}: pass 'bm25', 'dense' or 'hybrid'")
+            raise DollyValueError(f"search_type={search_type!r}: pass 'bm25', 'dense' or 'hybrid'")
         if search_type in ("dense", "hybrid") and self.embeddings is None:
-            raise ValueError(f"search_type={search_type!r} needs embeddings=...; this index was opened without them")
+            raise DollyValueError(f"search_type={search_type!r} needs embeddings=...; this index was opened without them")
 
     def _get_relevant_documents(
         self,
@@ -204,7 +205,7 @@ def filter_sql(filter: dict[str, Any] | None) -> tuple[str, list]:
 
 def _json_key(key: str) -> str:
     if not re.fullmatch(r"[\w .-]+", key):
-        raise ValueError(f"filter key {key!r}: use letters, digits, spaces, '.', '-' or '_'")
+        raise DollyValueError(f"filter key {key!r}: use letters, digits, spaces, '.', '-' or '_'")
     return key
 
 

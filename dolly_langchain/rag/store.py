@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
-from dolly_langchain.errors import DollyError
+from dolly_langchain.errors import DollyError, DollyValueError
 
 SCHEMA_VERSION = 1
 DEFAULT_CHUNK_TOKENS = 256
@@ -287,7 +287,7 @@ class IndexFile:
 
     def _create(self, con: sqlite3.Connection) -> None:
         if self.tokenizer is None:
-            raise ValueError("creating an index needs the generating model's tokenizer: pass tokenizer=...")
+            raise DollyValueError("creating an index needs the generating model's tokenizer: pass tokenizer=...")
         for statement in _SCHEMA:
             con.execute(statement)
         meta = {

@@ -191,3 +191,32 @@ def test_importing_the_package_and_building_the_command_tree_stays_light():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_bare_builtin_errors_are_raised_on_purpose():
+    """Every error raised on purpose is a DollyError (a room's own class, or one of errors.py's general kinds that
+    keep the built-in base), so a caller can tell "fix your input" from a bug and the CLI prints it as one line."""
+    import re
+
+    builtin = re.compile(r"raise (ValueError|TypeError|RuntimeError|ImportError|NotImplementedError|KeyError|"
+                         r"FileNotFoundError|OSError|Exception)\(")
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                assert not builtin.search(line), f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+
+
+def test_the_general_error_kinds_keep_their_builtin_base():
+    from dolly_langchain import errors
+    from dolly_langchain.generation import ContextWindowError
+    from finetune.presets import get_preset
+
+    pairs = [(errors.DollyValueError, ValueError), (errors.DollyTypeError, TypeError),
+             (errors.DollyRuntimeError, RuntimeError), (errors.MissingDependencyError, ImportError),
+             (errors.NotSupportedError, NotImplementedError), (errors.DollyLookupError, KeyError),
+             (errors.MissingFileError, FileNotFoundError), (ContextWindowError, ValueError)]
+    for kind, builtin in pairs:
+        assert issubclass(kind, errors.DollyError) and issubclass(kind, builtin), kind
+    with pytest.raises(KeyError) as info:
+        get_preset("no-such-preset")
+    assert str(info.value).startswith("unknown preset 'no-such-preset'")  # no quotes around the whole message

@@ -148,3 +148,103 @@ def test_chat_session_history_and_window(memorized_neox_dir, capsys):
         assert chat.count_prompt_tokens(session.messages[:-1]) + 20 <= chat.context_window
     assert session.messages[0] == SystemMessage("Be brief.")
     assert "oldest message" in capsys.readouterr().err
+
+
+class FakeChat:
+    """A stand-in for ChatDolly: counts a word as a token, streams scripted pieces, records what it was asked."""
+
+    context_window = 30
+    max_new_tokens = 10
+
+    def __init__(self, pieces=("Hel", "lo"), fail=None, capsys=None):
+        self.pieces, self.fail, self.capsys = pieces, fail, capsys
+        self.asked = []
+        self.printed_before_each_piece = []
+
+    def count_prompt_tokens(self, messages):
+        return sum(len(m.content.split()) for m in messages)
+
+    def stream(self, messages):
+        from langchain_core.messages import AIMessageChunk
+
+        self.asked.append(list(messages))
+        for piece in self.pieces:
+            if self.capsys is not None:
+                self.printed_before_each_piece.append(self.capsys.readouterr().out)
+            if self.fail is not None and piece == self.pieces[-1]:
+                raise self.fail
+            yield AIMessageChunk(content=piece)
+
+
+def test_chat_session_streams_each_piece_as_it_comes_and_sends_the_history(capsys):
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from dolly_langchain.cli.chat import ChatSession
+
+    fake = FakeChat(pieces=("Hel", "lo", "!"), capsys=capsys)
+    session = ChatSession(fake)
+    assert session.say("hi") == "Hello!"
+    assert fake.printed_before_each_piece == ["", "Hel", "lo"]  # printed one by one, not at the end
+    session.say("again")
+    assert fake.asked[-1] == [HumanMessage("hi"), AIMessage("Hello!"), HumanMessage("again")]
+
+
+def test_chat_session_keeps_its_history_when_a_turn_fails(capsys):
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from dolly_langchain.cli.chat import ChatSession
+    from dolly_langchain.generation import ContextWindowError
+
+    fake = FakeChat()
+    session = ChatSession(fake)
+    session.say("one two three")
+    before = list(session.messages)
+    assert before == [HumanMessage("one two three"), AIMessage("Hello")]
+
+    fake.fail = KeyboardInterrupt()  # Ctrl-C half-way through the answer
+    assert session.say("four") is None
+    assert session.messages == before and "interrupted" in capsys.readouterr().err
+
+    fake.fail = ContextWindowError("the prompt is 40 tokens ...")  # a message too long even alone
+    assert session.say(" ".join(["word"] * 25)) is None
+    assert session.messages == before  # the history was trimmed only in the copy sent, and is kept
+    assert "dolly: error: the prompt is 40 tokens" in capsys.readouterr().err
+
+
+def test_chat_session_drops_the_oldest_turns_to_fit_the_window(capsys):
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    from dolly_langchain.cli.chat import ChatSession
+
+    fake = FakeChat(pieces=("ok",))
+    session = ChatSession(fake, system="be brief")
+    for turn in ("a b c d e f", "g h i j k l", "m n o p q r"):
+        session.say(turn)
+    # 2 + 6 + 1 + 6 + 1 + 6 words + 10 new tokens > 30: the first question and its answer went
+    assert fake.asked[-1] == [SystemMessage("be brief"), HumanMessage("g h i j k l"), AIMessage("ok"),
+                              HumanMessage("m n o p q r")]
+    assert "dropped the 2 oldest messages" in capsys.readouterr().err
+
+
+def test_errors_raised_deep_in_the_library_are_one_line_too(capsys, memorized_neox_dir):
+    """Not only the CLI's own checks: a prompt over the model's window (generation.ContextWindowError) and a bad
+    engine option (runtime) are DollyErrors, so every command reports them as one line with exit code 2."""
+    code, out, err = run(capsys, "ask", FRANCE[0], "--model", str(memorized_neox_dir), "--max-new-tokens", "600")
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1].startswith("dolly: error: the prompt is ") and "Traceback" not in err
+    code, _, err = run(capsys, "ask", FRANCE[0], "--model", str(memorized_neox_dir), "--engine", "transformers",
+                       "--compute-type", "int8")
+    assert code == 2 and err.splitlines()[-1].startswith("dolly: error: compute_type is a CTranslate2 option")
+
+
+def test_finetune_plan_takes_training_flags_before_and_after_plan(capsys):
+    def global_batch(*argv):
+        code, out, err = run(capsys, *argv, "--json")
+        assert code == 0, err
+        return json.loads(out)["steps"]["global_batch"]
+
+    preset = ["--preset", "dolly-v2-12b-a100"]
+    assert global_batch("finetune", "plan", *preset, "--num-gpus", "8") == 48  # the preset's batch 6 on 8 GPUs
+    assert global_batch("finetune", *preset, "plan", "--num-gpus", "8") == 48
+    assert global_batch("finetune", "--per-device-train-batch-size", "2", "plan", *preset, "--num-gpus", "8") == 16
+    assert global_batch("finetune", *preset, "plan", "--num-gpus", "8", "--per-device-train-batch-size", "1") == 8
