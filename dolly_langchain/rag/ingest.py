@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,14 @@ import numpy as np
 from langchain_core.documents import Document
 
 from dolly_langchain.errors import DollyValueError
-from dolly_langchain.rag.loaders import MARKDOWN_SUFFIXES, UnreadableFileError, expand_paths, read_file
+from dolly_langchain.rag.loaders import (
+    DEFAULT_MAX_FILE_MB,
+    MARKDOWN_SUFFIXES,
+    MB,
+    UnreadableFileError,
+    read_file,
+    walk_directory,
+)
 from dolly_langchain.rag.store import IndexFileError, IndexMismatchError, has_schema, normalise, utc_now
 
 
@@ -41,6 +49,9 @@ class IngestReport:
     """``(source, one-line reason)`` for each source that could not be indexed; the others went on."""
     chunks: int = 0
     """Chunks written (added and replaced sources)."""
+    removed: list[str] = field(default_factory=list)
+    """Sources removed because the directory they were under no longer holds them (``add_paths(prune=True)``);
+    not part of :meth:`counts`, which keeps its keys."""
 
     def counts(self) -> dict[str, int]:
         return {
@@ -60,31 +71,75 @@ class Ingestion:
         text_field: str = "text",
         progress: bool = False,
         on_failure: Callable[[str, str], None] | None = None,
+        prune: bool = True,
+        max_file_bytes: int | None = DEFAULT_MAX_FILE_MB * MB,
     ) -> IngestReport:
         """Index files and directories (``.txt``, ``.md``, ``.pdf``, ``.jsonl``; directories recursively).
 
         Each file is one transaction: unchanged files are skipped, changed files replace their chunks. A file that
-        cannot be read is recorded in ``report.failed`` (and passed to ``on_failure``) and the rest go on.
-        ``text_field`` names the JSONL field holding the text; the record's other fields become metadata.
+        cannot be read (not a regular file, a broken link, over ``max_file_bytes``, ...) is recorded in
+        ``report.failed`` (and passed to ``on_failure``) and the rest go on. ``text_field`` names the JSONL field
+        holding the text; the record's other fields become metadata.
+
+        ``prune``: a directory is mirrored: the sources under it that it no longer holds (deleted files) are removed
+        from the index and listed in ``report.removed``. A directory that could not be listed completely is not
+        pruned (its failure is reported instead).
         """
         from tqdm.auto import tqdm
 
-        files = list(expand_paths([paths] if isinstance(paths, (str, Path)) else list(paths)))
+        files: list[Path] = []
+        unlisted: list[tuple[str, str]] = []  # directories that could not be listed: (source, reason)
+        folders: dict[str, set[str]] = {}  # a directory to mirror -> the sources it holds now
+        for path in map(Path, [paths] if isinstance(paths, (str, Path)) else list(paths)):
+            if not path.is_dir():
+                files.append(path)
+                continue
+            errors: list[tuple[Path, str]] = []
+            found = walk_directory(path, errors)
+            files += found
+            unlisted += [
+                (str(folder.resolve()), f"{folder}: cannot list this directory ({why})") for folder, why in errors
+            ]
+            if not errors:
+                folders[str(path.resolve())] = {str(found_path.resolve()) for found_path in found}
         report = IngestReport()
+
+        def failed(source: str, reason: str) -> None:
+            report.failed.append((source, reason))
+            if on_failure:
+                on_failure(source, reason)
+
+        for source, reason in unlisted:
+            failed(source, reason)
         try:
             for path in tqdm(files, desc="indexing", unit="file", disable=not progress):
                 source = str(path.resolve())
                 try:
-                    documents, data = read_file(path, text_field=text_field)
+                    documents, data = read_file(path, text_field=text_field, max_bytes=max_file_bytes)
                 except UnreadableFileError as err:
-                    report.failed.append((source, str(err)))
-                    if on_failure:
-                        on_failure(source, str(err))
+                    failed(source, str(err))
                     continue
                 self._add_source(source, documents, hashlib.sha256(data).hexdigest(), report)
+            if prune:
+                for folder, present in folders.items():
+                    self._prune(folder, present, report)
         finally:
             self._checkpoint()
         return report
+
+    def _prune(self, folder: str, present: set[str], report: IngestReport) -> None:
+        """Remove the sources under ``folder`` that are not in ``present``, in one transaction."""
+        if not self.path.exists():
+            return
+        prefix = os.path.join(folder, "")
+        gone = [source for source in self.sources() if source.startswith(prefix) and source not in present]
+        if not gone:
+            return
+        with self._transaction() as con:
+            for source in gone:
+                con.execute("DELETE FROM chunks WHERE source = ?", (source,))
+                con.execute("DELETE FROM sources WHERE source = ?", (source,))
+        report.removed += gone
 
     def add_documents(self, documents: Iterable[Document], *, progress: bool = False) -> IngestReport:
         """Index LangChain ``Document``s, grouped into sources by ``metadata["source"]``.

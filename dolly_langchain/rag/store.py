@@ -88,6 +88,10 @@ class IndexFile:
         connection must not be used in a child forked after it was opened: the child holds none of its locks)."""
         con = getattr(self._local, "con", None)
         if con is None or self._local.pid != os.getpid():
+            if self.path.exists() and not writable(self.path):
+                con = self._read_only_connection()
+                self._local.con, self._local.pid = con, os.getpid()
+                return con
             try:
                 con = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=True)
                 con.execute("PRAGMA busy_timeout = 60000")
@@ -98,6 +102,25 @@ class IndexFile:
                 raise IndexFileError(f"cannot open index {self.path}: {err}") from None
             self._local.con, self._local.pid = con, os.getpid()
         return con
+
+    def _read_only_connection(self) -> sqlite3.Connection:
+        """For a file or directory this process cannot write (a shared or mounted index): ``mode=ro``, which reads
+        the write-ahead log where one is left; where SQLite cannot set up its shared memory without writing,
+        ``immutable=1`` (no locks: nothing can write there anyway)."""
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        error: sqlite3.Error | None = None
+        for options in ("", "&immutable=1"):
+            con = None
+            try:
+                con = sqlite3.connect(uri + options, uri=True, timeout=60, isolation_level=None,
+                                      check_same_thread=True)
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return con
+            except sqlite3.Error as err:
+                error = err
+                if con is not None:
+                    con.close()
+        raise IndexFileError(f"cannot open index {self.path} read-only: {error}")
 
     @contextmanager
     def _reading(self, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
@@ -248,7 +271,18 @@ class IndexFile:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time; a crash or error rolls everything back."""
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise IndexFileError(
+                    f"cannot create index {self.path}: {err.strerror or err} ({err.filename or self.path.parent}); "
+                    "pass --index a file in a directory you can write"
+                ) from None
+        elif not writable(self.path):
+            raise IndexFileError(
+                f"cannot write index {self.path}: the file or its directory is read-only (it can still be queried); "
+                "make both writable, or copy the index somewhere you can write"
+            )
         try:
             con = self._connection()
             con.execute("PRAGMA journal_mode = WAL")
@@ -299,6 +333,11 @@ class IndexFile:
             "created_at": utc_now(),
         }
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
+
+
+def writable(path) -> bool:
+    """Whether this process can write the index file and create its journal files beside it."""
+    return os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK | os.X_OK)
 
 
 def has_schema(con: sqlite3.Connection) -> bool:
