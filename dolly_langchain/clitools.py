@@ -8,8 +8,12 @@ Subcommand modules (and the ``dolly-finetune`` / ``dolly-eval`` aliases) import 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dolly_langchain.errors import EXIT_USAGE, DollyError  # noqa: F401  (EXIT_USAGE: importable from here as before)
 from dolly_langchain.generation import (
@@ -36,18 +40,96 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         return EXIT_USAGE
 
 
+# Argument types: each refuses what the flag cannot mean (argparse puts the flag's name in front of the message,
+# ``argument --epochs: must be a finite number, got nan``, and exits with code 2). ``float()`` reads
+# "nan" and "inf": the float types refuse both, as no flag of ours means either.
+
+
 def positive_int(text: str) -> int:
+    """An integer of 1 or more (a count, a size, a number of steps)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
+def non_negative_int(text: str) -> int:
+    """An integer of 0 or more."""
+    value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text.strip()}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of 0 or more (``--temperature``: ``nan`` or ``inf`` would otherwise decode greedily without
+    a word)."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A finite number from 0 up to, not including, 1 (a dropout rate)."""
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {value:g}")
+    return value
+
+
+def text(value: str) -> str:
+    """Text from the command line (an instruction, a message): refuses bytes that are not UTF-8, which Python hands
+    over as lone surrogates (``\\udcff`` for the byte 0xff) and a tokenizer cannot take."""
+    problem = text_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` is not text a model can read (a lone surrogate: bytes that were not UTF-8), or ``None``."""
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    char, position = found.group(), found.start()
+    if "\udc80" <= char <= "\udcff":  # surrogateescape: how Python decodes argv (and stdin) bytes
+        return f"is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x} at character {position}); pass UTF-8 text"
+    return f"holds a lone surrogate (U+{ord(char):04X} at character {position}), which is not text"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def output_dir_problem(path: str | Path) -> str | None:
+    """Why a directory cannot be created or written at ``path`` (a file there, a file above it, no write
+    permission), or ``None``; checked before a command starts work that would only fail when it writes."""
+    path = Path(path)
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        return "exists and is not a directory"
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    return None
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +174,7 @@ def load_llm(args: argparse.Namespace, *, chat: bool = False):
     else:
         from dolly_langchain.llm import DollyLLM as model_class
 
+    check_device(args)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         options["temperature"] = args.temperature
@@ -104,3 +187,22 @@ def load_llm(args: argparse.Namespace, *, chat: bool = False):
         raise CLIError(str(err)) from None
     except ValueError as err:  # an engine option this model or machine cannot take (e.g. --device cuda, no GPU)
         raise CLIError(f"{err}") from None
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Refuse ``--device cuda`` for the transformers engine when PyTorch sees no CUDA GPU, before the model loads
+    (PyTorch would otherwise fail on ``model.to("cuda")`` with an AssertionError, after the load). CTranslate2
+    checks its own devices."""
+    if args.device != "cuda":
+        return
+    if args.engine == "auto" and args.compute_type not in (None, "auto"):
+        return  # a compute type picks CTranslate2 (dolly_langchain.runtime.load_runtime)
+    from dolly_langchain.runtime import resolve_engine
+
+    if resolve_engine(args.engine, args.model) != "transformers":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CLIError("--device cuda: PyTorch sees no CUDA GPU on this machine (no GPU, no driver, or a CPU-only "
+                       "build of torch); pass --device cpu, or run where a GPU is available.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dolly_langchain.clitools import fraction, non_negative_int, positive_float, positive_int
 from dolly_langchain.errors import DollyError
 
 DEFAULT_INPUT_MODEL = "EleutherAI/pythia-6.9b"  # Dolly v2's default (dolly-v2-7b)
@@ -201,13 +202,13 @@ def add_training_flags(parser: argparse.ArgumentParser, presets: dict[str, dict]
     data("--training-dataset", default=DEFAULT_TRAINING_DATASET,
          help="Hub dataset id, or a local .jsonl/.json/.parquet/.csv with instruction/context/response "
          "(Dolly) or instruction/input/output (Alpaca, dolly-v1) records.")
-    data("--max-records", type=int, help="Use only the first N records of the dataset.")
+    data("--max-records", type=positive_int, help="Use only the first N records of the dataset.")
     data("--skip-bad-records", action="store_true",
          help="Skip records with an empty instruction or response (and report how many) instead of "
          "stopping at the first one.")
     data("--test-size", type=_test_size, default=1000,
          help="Held-out evaluation records: a count (1000) or a ratio (0.05); 0 disables evaluation.")
-    data("--max-length", type=int,
+    data("--max-length", type=positive_int,
          help="Longest record in tokens; longer records are dropped. Default: the model's "
          "n_positions / max_position_embeddings / seq_length, else 1024.")
     data("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
@@ -220,15 +221,15 @@ def add_training_flags(parser: argparse.ArgumentParser, presets: dict[str, dict]
          "padding-free batches: fewer, fuller steps. Only fast with a variable-length attention kernel "
          "(FlashAttention on GPU); on CPU/SDPA each step attends over the whole flattened batch.")
     train = adder(parser.add_argument_group("training"))
-    train("--epochs", type=float, default=3, help="Number of epochs.")
-    train("--per-device-train-batch-size", type=int, default=8,
+    train("--epochs", type=positive_float, default=3, help="Number of epochs.")
+    train("--per-device-train-batch-size", type=positive_int, default=8,
           help="Records per device per step (packed rows with --packing).")
-    train("--per-device-eval-batch-size", type=int, default=8, help="Rows per device per eval step.")
-    train("--lr", type=float, default=None,
+    train("--per-device-eval-batch-size", type=positive_int, default=8, help="Rows per device per eval step.")
+    train("--lr", type=positive_float, default=None,
           help=f"Peak learning rate (AdamW; linear decay, or the --deepspeed config's scheduler). "
           f"Default: {DEFAULT_LR:g} (Dolly's), {DEFAULT_LORA_LR:g} with --lora.")
-    train("--warmup-steps", type=int, default=0, help="Linear warmup steps.")
-    train("--seed", type=int, default=DEFAULT_SEED, help="Seed for the data split, order and init.")
+    train("--warmup-steps", type=non_negative_int, default=0, help="Linear warmup steps.")
+    train("--seed", type=non_negative_int, default=DEFAULT_SEED, help="Seed for the data split, order and init.")
     train("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
           help="Recompute activations in the backward pass: less memory, ~20%% slower.")
     train("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -244,9 +245,9 @@ def add_training_flags(parser: argparse.ArgumentParser, presets: dict[str, dict]
     lora("--lora", action="store_true",
          help="Train LoRA adapters (PEFT) on the frozen base model instead of all its weights; the "
          "embedding and output rows of Dolly's new tokens train as well.")
-    lora("--lora-r", type=int, default=16, help="LoRA rank.")
-    lora("--lora-alpha", type=int, default=32, help="LoRA scaling alpha (scale = alpha / r).")
-    lora("--lora-dropout", type=float, default=0.05, help="Dropout on the LoRA path.")
+    lora("--lora-r", type=positive_int, default=16, help="LoRA rank.")
+    lora("--lora-alpha", type=positive_int, default=32, help="LoRA scaling alpha (scale = alpha / r).")
+    lora("--lora-dropout", type=fraction, default=0.05, help="Dropout on the LoRA path.")
     lora("--lora-target-modules", default="auto",
          help="Comma-separated module names to adapt, or `auto`: every attention and MLP projection "
          "(GPT-NeoX: query_key_value,dense,dense_h_to_4h,dense_4h_to_h; GPT-J: q/k/v/out_proj,fc_in,"
@@ -258,10 +259,10 @@ def add_training_flags(parser: argparse.ArgumentParser, presets: dict[str, dict]
          help="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes) with bf16 compute. Needs CUDA "
          "and `pip install dolly-langchain[qlora]`; implies --lora.")
     ckpt = adder(parser.add_argument_group("logging and checkpoints"))
-    ckpt("--logging-steps", type=int, default=10, help="Log the loss every N steps.")
-    ckpt("--eval-steps", type=int, default=50, help="Evaluate on the held-out records every N steps.")
-    ckpt("--save-steps", type=int, default=400, help="Write a checkpoint every N steps.")
-    ckpt("--save-total-limit", type=int, default=10, help="Keep at most N checkpoints.")
+    ckpt("--logging-steps", type=positive_int, default=10, help="Log the loss every N steps.")
+    ckpt("--eval-steps", type=positive_int, default=50, help="Evaluate on the held-out records every N steps.")
+    ckpt("--save-steps", type=positive_int, default=400, help="Write a checkpoint every N steps.")
+    ckpt("--save-total-limit", type=positive_int, default=10, help="Keep at most N checkpoints.")
     ckpt("--resume-from-checkpoint", type=_resume,
          help="A checkpoint directory, or `auto` for the latest one in --local-output-dir (starts "
          "fresh when there is none).")
@@ -273,7 +274,7 @@ def add_training_flags(parser: argparse.ArgumentParser, presets: dict[str, dict]
     evaluation("--eval-after", choices=("card", "generation", "both"),
                help="Run dolly-eval on the final model: the model card's lm-eval table, instruction "
                "following on the held-out records, or both.")
-    evaluation("--eval-samples", type=int,
+    evaluation("--eval-samples", type=positive_int,
                help="With --eval-after: a seeded N documents per task / held-out records (default: all).")
     # Wrapped after the actions are built, so that each action (BooleanOptionalAction adds "(default: ...)" to its
     # own help when built) sees its plain default, exactly as without the wrapping.

@@ -11,14 +11,16 @@ The pipeline, in the order it runs:
 2. :func:`add_dolly_special_tokens` adds ``### End``, ``### Instruction:`` and ``### Response:\\n`` to the tokenizer
    as special tokens, as Dolly did (the caller then resizes the model's embeddings).
 3. :func:`build_dataset` renders each record with :func:`dolly_langchain.prompts.format_training_text` (the one
-   source of Dolly's format), tokenizes it, drops the records longer than ``max_length`` (Dolly dropped, never
+   source of Dolly's format), tokenizes it (:func:`tokenize_records`: control tokens come only from the template,
+   never from a record's text, as at inference), drops the records longer than ``max_length`` (Dolly dropped, never
    truncated, so no example loses its ``### End``) and marks the completion: every token after the
    ``### Response:\\n`` token. TRL's ``SFTTrainer`` turns that mask into labels (completion-only loss), which equal
    the labels Dolly's ``DataCollatorForCompletionOnlyLM`` produced.
 4. :func:`split_dataset` holds out ``--test-size`` records with the run's seed, as Dolly did.
 
 :func:`heldout_records` repeats steps 1, 3 (the length rule) and 4 for an evaluation: the records a run held out.
-This module imports nothing of the package but :mod:`finetune.common` (the error type and the default dataset).
+This module imports nothing of the package but :mod:`finetune.common` (the error type and the default dataset), the
+shared floor (errors, files, prompts) and, for records that hold control strings, :mod:`dolly_langchain.codec`.
 """
 
 from __future__ import annotations
@@ -26,20 +28,27 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dolly_langchain.errors import DollyError, DollyValueError
 from dolly_langchain.files import BadLine, iter_jsonl
-from dolly_langchain.prompts import DOLLY_SPECIAL_TOKENS, RESPONSE_KEY_NL, format_training_text
+from dolly_langchain.prompts import (
+    DOLLY_SPECIAL_TOKENS,
+    END_KEY,
+    RESPONSE_KEY_NL,
+    format_training_text,
+    prompt_segments,
+)
 from finetune.common import DEFAULT_TRAINING_DATASET, FinetuneError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_TRAINING_DATASET", "LOCAL_SUFFIXES", "BadRecordError", "add_dolly_special_tokens", "build_dataset",
-    "heldout_records", "load_records", "split_dataset", "training_text",
+    "heldout_records", "load_records", "split_dataset", "tokenize_records", "training_segments", "training_text",
 ]
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -53,13 +62,16 @@ class BadRecordError(DollyError, ValueError):
 
 
 def load_records(
-    source: str | Path, max_records: int | None = None, skip_bad_records: bool = False
+    source: str | Path, max_records: int | None = None, skip_bad_records: bool = False, *,
+    skip_flag: str | None = "--skip-bad-records",
 ) -> tuple[list[dict[str, str]], int]:
     """Read and validate training records from a hub dataset id or a local file.
 
     Returns ``(records, n_bad)``: records as ``{"instruction", "context", "response"}`` (context ``""`` when the
     record has none) and the number of bad records skipped (always 0 unless ``skip_bad_records``).
     ``max_records`` keeps only the first N records of the source (bad ones included in the count).
+    ``skip_flag``: the caller's flag that skips bad records, named in the error of a bad record; ``None`` when the
+    caller has none (``dolly-eval``), so that the message does not suggest a flag the command lacks.
     """
     records, bad = [], []
     for n, (where, raw) in enumerate(_iter_raw_records(source), start=1):
@@ -71,7 +83,8 @@ def load_records(
             continue
         message = f"{source}: {where}: {problem}"
         if not skip_bad_records:
-            raise BadRecordError(f"{message}. Fix the record, or pass --skip-bad-records to skip bad records.")
+            fix = f"Fix the record, or pass {skip_flag} to skip bad records." if skip_flag else "Fix the record."
+            raise BadRecordError(f"{message}. {fix}")
         bad.append(message)
     if bad:
         logger.warning("Skipped %d bad record(s) (--skip-bad-records); first: %s", len(bad), bad[0])
@@ -219,7 +232,8 @@ def build_dataset(records: list[dict[str, str]], tokenizer, max_length: int, bat
     columns: dict[str, list] = {"input_ids": [], "completion_mask": []}
     kept = _tokenize_within(records, tokenizer, max_length, batch_size)
     for _, ids in kept:
-        # Dolly's collator masked everything up to and including the FIRST response-key token.
+        # Dolly's collator masked everything up to and including the FIRST response-key token: the template's, since
+        # a record's own "### Response:" stays text (tokenize_records; in Dolly's recipe it moved the mask).
         first = ids.index(response_id) + 1
         columns["input_ids"].append(ids)
         columns["completion_mask"].append([0] * first + [1] * (len(ids) - first))
@@ -236,17 +250,98 @@ def _tokenize_within(records: list[dict[str, str]], tokenizer, max_length: int,
     """The length rule, shared by training and :func:`heldout_records`: ``(record, token ids)`` of each record whose
     training text is at most ``max_length`` tokens, in order; the others are dropped.
 
-    Tokenized exactly as Dolly did (``tokenizer(text)``, special tokens split out), but without truncation: Dolly
-    truncated then dropped records of length >= max_length, which also dropped records of exactly max_length;
-    knowing the true length, we keep those and drop only the ones truncation would cut.
+    Tokenized by :func:`tokenize_records` (Dolly's ``tokenizer(text)``, with user text kept text), but without
+    truncation: Dolly truncated then dropped records of length >= max_length, which also dropped records of exactly
+    max_length; knowing the true length, we keep those and drop only the ones truncation would cut.
     """
     kept = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        for record, ids in zip(batch, tokenizer([training_text(r) for r in batch])["input_ids"]):
+        for record, ids in zip(batch, tokenize_records(batch, tokenizer)):
             if len(ids) <= max_length:
                 kept.append((record, ids))
     return kept
+
+
+def training_segments(record: dict[str, str]) -> list[tuple[str, bool]]:
+    """:func:`training_text` as ``(text, is_user_text)`` pieces (joined, they are the training text): the prompt's
+    (:func:`dolly_langchain.prompts.prompt_segments`), then the response (user text) and ``\n\n### End``."""
+    return [*prompt_segments(record["instruction"], record["context"] or None), (record["response"], True),
+            (f"\n\n{END_KEY}", False)]
+
+
+def tokenize_records(records: list[dict[str, str]], tokenizer) -> list[list[int]]:
+    """Token ids of each record's training text, in which only the template makes control tokens.
+
+    Dolly's recipe (and this module until it was fixed) tokenized the whole text, ``tokenizer(text)``, with the
+    special tokens active, so a record's own text could inject control tokens: an instruction containing
+    ``### Response:`` became the response key, moving the loss mask into the instruction, and ``### End`` inside a
+    response became the real end token mid-answer, teaching the model to stop there. Inference never lets user text
+    become a control token (:meth:`dolly_langchain.codec.PromptCodec.encode_segments`); training must not either,
+    or the model learns from records what no prompt can show it.
+
+    So each record is tokenized Dolly's way (one batched ``tokenizer(texts)``: the same ids as before) only when
+    the control tokens found in its text are exactly the template's, at the template's places; any other record
+    (a control string in its instruction, context or response, or one that forms across the border with the
+    template) is encoded by the inference codec, segment by segment, user text with ``split_special_tokens``: the
+    characters stay plain text, exactly as a prompt with them would be encoded. The tokenizer's own framing (a BOS,
+    an EOS) is kept as ``tokenizer(text)`` adds it.
+    """
+    if not records:
+        return []
+    controls = _control_pattern(tokenizer)
+    texts = [training_text(record) for record in records]
+    encoded = tokenizer(texts)["input_ids"]
+    codec = None
+    for k, (record, text) in enumerate(zip(records, texts)):
+        segments = training_segments(record)
+        if _control_spans(controls, text) == _template_control_spans(controls, segments):
+            continue
+        if codec is None:
+            codec, trailing = _training_codec(tokenizer), _trailing_special_ids(tokenizer)
+        encoded[k] = codec.encode_segments(segments) + trailing
+    return encoded
+
+
+def _control_pattern(tokenizer) -> re.Pattern:
+    """The control tokens (the tokenizer's special added tokens), longest first: the inference codec's set."""
+    specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) or r"(?!)")
+
+
+def _control_spans(controls: re.Pattern, text: str) -> list[tuple[int, int]]:
+    return [match.span() for match in controls.finditer(text)]
+
+
+def _template_control_spans(controls: re.Pattern, segments: list[tuple[str, bool]]) -> list[tuple[int, int]]:
+    """Where the template's own control tokens sit in the joined text of ``segments``."""
+    spans, offset = [], 0
+    for text, is_user in segments:
+        if not is_user:
+            spans += [(offset + start, offset + end) for start, end in _control_spans(controls, text)]
+        offset += len(text)
+    return spans
+
+
+def _training_codec(tokenizer):
+    """The inference codec over the training tokenizer, for its encoding only (it sets left padding, which is for
+    generation: the tokenizer's own padding side is put back)."""
+    from dolly_langchain.codec import PromptCodec
+
+    padding_side = tokenizer.padding_side
+    codec = PromptCodec(tokenizer, "dolly")
+    tokenizer.padding_side = padding_side
+    return codec
+
+
+def _trailing_special_ids(tokenizer) -> list[int]:
+    """Ids ``tokenizer(text)`` puts after any text (an EOS for some tokenizers; nothing for GPT-NeoX or SmolLM2)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start : start + len(without)] == without:
+            return with_special[start + len(without) :]
+    return []
 
 
 # --- 4. Split ---------------------------------------------------------------------------------------------------
@@ -270,18 +365,20 @@ def split_dataset(dataset, test_size: int | float, seed: int):
 
 
 def heldout_records(training_dataset: str | Path, *, max_records: int | None = None, skip_bad_records: bool = False,
-                    tokenizer, max_length: int, test_size: int | float, seed: int) -> list[dict[str, str]]:
+                    tokenizer, max_length: int, test_size: int | float, seed: int,
+                    skip_flag: str | None = "--skip-bad-records") -> list[dict[str, str]]:
     """The records a ``dolly-finetune`` run with these flags held out, as ``{"instruction", "context", "response"}``.
 
     The same steps as training: :func:`load_records` (``--training-dataset``, ``--max-records``,
     ``--skip-bad-records``), drop the records longer than ``max_length`` tokens (training's rule; pass the run's own
     tokenizer, which carries Dolly's tokens), then :func:`split_dataset` with ``test_size`` and ``seed``. Since the
     split depends only on the number of records and the seed, an index dataset stands in for the tokenized one.
-    ``test_size`` 0 held out nothing: ``[]``. Raises :class:`BadRecordError` when the data cannot be read again.
+    ``test_size`` 0 held out nothing: ``[]``. Raises :class:`BadRecordError` when the data cannot be read again
+    (``skip_flag`` as in :func:`load_records`).
     """
     from datasets import Dataset
 
-    records, _ = load_records(training_dataset, max_records, skip_bad_records)
+    records, _ = load_records(training_dataset, max_records, skip_bad_records, skip_flag=skip_flag)
     kept = [record for record, _ in _tokenize_within(records, tokenizer, max_length)]
     _, held_out = split_dataset(Dataset.from_dict({"i": list(range(len(kept)))}), test_size, seed)
     return [] if held_out is None else [kept[i] for i in held_out["i"]]

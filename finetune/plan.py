@@ -57,7 +57,7 @@ import math
 import sys
 from pathlib import Path
 
-from dolly_langchain.clitools import run_command
+from dolly_langchain.clitools import positive_float, positive_int, run_command
 from dolly_langchain.errors import DollyError
 
 GIB = 2**30
@@ -123,11 +123,11 @@ def configure(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
     add = parser.add_argument
     add("--num-gpus", type=int, required=True, help="GPUs per node (processes per node for cpu_config.json).")
     add("--num-nodes", type=int, default=1, help="Nodes (hosts in the DeepSpeed hostfile).")
-    add("--gpu-memory-gb", type=float, help="Memory of one GPU in GiB. Default: the shipped config's GPU.")
-    add("--host-memory-gb", type=float, help="RAM of one node in GiB. Default: the shipped config's instance.")
-    add("--dataset-size", type=int, help="Records in the training data set. Default: known for the hub ids "
+    add("--gpu-memory-gb", type=positive_float, help="Memory of one GPU in GiB. Default: the shipped config's GPU.")
+    add("--host-memory-gb", type=positive_float, help="RAM of one node in GiB. Default: the shipped config's instance.")
+    add("--dataset-size", type=positive_int, help="Records in the training data set. Default: known for the hub ids "
         "databricks/databricks-dolly-15k (15011) and tatsu-lab/alpaca (52002); counted for a local file.")
-    add("--mean-record-tokens", type=float, help="Mean tokens per record, for step counts with --packing. "
+    add("--mean-record-tokens", type=positive_float, help="Mean tokens per record, for step counts with --packing. "
         "Default: measured for databricks-dolly-15k (200).")
     add("--json", action="store_true", help="Print the plan as JSON.")
     training = add_training_flags(parser, PRESETS, require_output_dir=False, hidden=True)

@@ -21,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
+from dolly_langchain.clitools import output_dir_problem
+
 # Imported under this module's own name: the tests replace it here to kill a run at the moment of the rename.
 from dolly_langchain.files import replace_dir as _replace_dir
 from finetune.common import FinetuneError
@@ -42,6 +44,12 @@ def check_run_dir(args: argparse.Namespace) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     run_dir = Path(args.local_output_dir)
+    # Before anything is loaded: a run directory that cannot be written would otherwise fail only after the model
+    # has loaded (or, for --export-dir, after training).
+    for flag, path in (("--local-output-dir", run_dir), ("--export-dir", args.export_dir)):
+        problem = path and output_dir_problem(path)
+        if problem:
+            raise FinetuneError(f"{flag} {path}: {problem}; pass a directory to write the run into.")
     final = run_dir / FINAL_MODEL_DIR
     if final.exists() and not args.overwrite_output_dir:
         raise FinetuneError(

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from dolly_langchain.clitools import CLIError, add_generation_arguments, load_llm
+from dolly_langchain.clitools import CLIError, add_generation_arguments, load_llm, text
 
 HELP = "answer one instruction"
 PARSER_OPTIONS = {"description": "Answer one instruction."}
@@ -27,9 +27,9 @@ def register(commands) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("instruction", help="what the model should do")
+    parser.add_argument("instruction", type=text, help="what the model should do")
     context = parser.add_mutually_exclusive_group()
-    context.add_argument("--context", help="text the instruction refers to (Dolly's Input: block)")
+    context.add_argument("--context", type=text, help="text the instruction refers to (Dolly's Input: block)")
     context.add_argument("--context-file", type=Path, metavar="PATH", help="read the context from this UTF-8 file")
     add_generation_arguments(parser)
     parser.set_defaults(run=run)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dolly_langchain.clitools import add_model_arguments, load_llm
+from dolly_langchain.clitools import add_model_arguments, load_llm, text_problem
+from dolly_langchain.clitools import text as text_type
 from dolly_langchain.errors import DollyError
 
 HELP = "talk with the model, turn by turn (history kept, answers streamed)"
@@ -37,7 +38,7 @@ def register(commands) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--system", metavar="TEXT", default=None,
+    parser.add_argument("--system", type=text_type, metavar="TEXT", default=None,
                         help="a system message that opens every conversation (e.g. how to answer)")
     add_model_arguments(parser)
     parser.set_defaults(run=run)
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     chat = load_llm(args, chat=True)
     session = ChatSession(chat, args.system)
     interactive = sys.stdin.isatty()
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:  # bytes that are not UTF-8 arrive as lone surrogates, reported below, not a traceback
+        reconfigure(errors="surrogateescape")
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
@@ -64,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         text = line.strip()
         if not text:
+            continue
+        problem = text_problem(text)
+        if problem:
+            print(f"dolly: error: that message {problem}", file=sys.stderr)
             continue
         if text.startswith("/"):
             if text == "/exit":

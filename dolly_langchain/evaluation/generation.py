@@ -92,7 +92,8 @@ def heldout_records(run_dir: str | Path) -> list[dict[str, str]]:
     try:
         heldout = reproduce_heldout(spec["training_dataset"], max_records=spec["max_records"],
                                     skip_bad_records=spec["skip_bad_records"], tokenizer=tokenizer,
-                                    max_length=spec["max_length"], test_size=spec["test_size"], seed=spec["seed"])
+                                    max_length=spec["max_length"], test_size=spec["test_size"], seed=spec["seed"],
+                                    skip_flag=None)  # dolly-eval has no --skip-bad-records: the run's choice holds
     except BadRecordError as err:
         raise GenerationEvalError(f"{split_file}: cannot read the run's training data again: {err}") from None
     if spec.get("n_heldout") and len(heldout) != spec["n_heldout"]:
@@ -108,7 +109,7 @@ def sample_records(path: str | Path, n: int, seed: int) -> list[dict[str, str]]:
     from finetune.data import BadRecordError, load_records
 
     try:
-        records, _ = load_records(str(path))
+        records, _ = load_records(str(path), skip_flag=None)  # dolly-eval offers no --skip-bad-records
     except BadRecordError as err:
         raise GenerationEvalError(f"--dolly-data: {err}") from None
     chosen = random.Random(seed).sample(records, min(n, len(records)))

@@ -9,7 +9,8 @@ Caching, per (model fingerprint, task, sample): a finished task's metrics are st
 carries a hash of the documents, so an edited data file is scored afresh), and every
 scored request is stored as it completes in lm-eval's own request cache (``CachingLM``, SQLite), so an interrupted
 run resumes where it stopped and a repeated run recomputes nothing. Both live under
-``dolly_langchain.models.cache_dir() / "eval" / FINGERPRINT``.
+``dolly_langchain.models.cache_dir() / "eval" / FINGERPRINT``. The request cache holds pickles, so that directory is
+kept the user's alone (mode 0700; see :func:`private_cache_dir`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from dolly_langchain.evaluation.card import CARD_METRICS, FULL_SPLIT_SIZES, Score
 from dolly_langchain.evaluation.taskdata import EVAL_SPLITS
-from dolly_langchain.errors import DollyLookupError
+from dolly_langchain.errors import DollyError, DollyLookupError
 from dolly_langchain.files import checkpoint_fingerprint, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,56 @@ def cache_root() -> Path:
     return cache_dir() / "eval"
 
 
+class UnsafeCacheError(DollyError, PermissionError):
+    """The eval cache is not the user's alone: lm-eval unpickles its request cache, so someone else could run code."""
+
+
+def private_cache_dir(fingerprint: str) -> Path:
+    """``cache_root() / fingerprint``, made safe for lm-eval's request cache (created if missing).
+
+    lm-eval's request cache (``CachingLM``) is a ``SqliteDict``, whose values are pickles: whoever can write it runs
+    code in the next evaluation. So the cache root and the fingerprint's folder are created with mode 0700, and the
+    user's own ones with wider permissions (made before this check, or under a umask of 002) are narrowed to 0700,
+    their request files to 0600. A folder or request file that belongs to another user is refused with one line:
+    its contents cannot be trusted, and it cannot be made private.
+    """
+    folder = cache_root() / fingerprint
+    for path in (folder.parent, folder):
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mode is the leaf's; parents get the umask's
+        except OSError as err:
+            raise UnsafeCacheError(f"{path}: cannot create the eval cache directory: {err.strerror or err}. Set "
+                                   "$DOLLY_LANGCHAIN_CACHE to a directory of your own.") from None
+        _make_private(path, 0o700)
+    for path in sorted(folder.glob(f"{REQUEST_CACHE_NAME}*")):
+        _make_private(path, 0o600)
+    return folder
+
+
+REQUEST_CACHE_NAME = "requests"  # lm-eval appends "_rank0.db"
+
+
+def _make_private(path: Path, mode: int) -> None:
+    """Refuse ``path`` unless the user owns it; narrow its mode to ``mode`` when group or others have any access."""
+    import os
+    import stat
+
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owners or modes
+        return
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise UnsafeCacheError(
+            f"{path}: the eval cache belongs to another user (uid {info.st_uid}), and lm-eval unpickles its request "
+            "cache: remove it, or set $DOLLY_LANGCHAIN_CACHE to a directory of your own."
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        try:
+            path.chmod(mode)
+        except OSError as err:
+            raise UnsafeCacheError(f"{path}: cannot make the eval cache private (chmod {mode:o}): "
+                                   f"{err.strerror or err}.") from None
+
+
 def data_digest(docs: list[dict] | None) -> str:
     """A short hash of a task's documents (``"hub"`` when lm-eval loads them), so edited files are not served stale."""
     import json
@@ -183,8 +234,7 @@ def evaluate_task(lm, task_name: str, docs: list[dict] | None, *, fingerprint: s
     task = build_task(task_name, docs)
     n_total = len(task.eval_docs)
     indices = sample_indices(n_total, samples, seed)
-    request_cache = cache_root() / fingerprint / "requests"
-    request_cache.parent.mkdir(parents=True, exist_ok=True)
+    request_cache = private_cache_dir(fingerprint) / REQUEST_CACHE_NAME  # pickles: only the user may write there
     out = simple_evaluate(
         model=lm,
         tasks=[task],

@@ -129,6 +129,7 @@ def run(args: EvalSettings) -> dict[str, Any]:
     ``args``: :class:`EvalSettings`, or ``dolly eval``'s parsed arguments with ``tasks`` and ``device`` resolved.
     """
     output = Path(args.output)
+    check_output(output)
     results: dict[str, Any] = {"dolly_eval": _settings(args)}
     if args.tasks:
         results["card"] = run_card(args, output)
@@ -137,6 +138,16 @@ def run(args: EvalSettings) -> dict[str, Any]:
     write_json_atomically(output / "results.json", results)
     print(f"\nWrote {output / 'results.json'}")
     return results
+
+
+def check_output(output: Path) -> None:
+    """Refuse an ``--output`` that cannot become a directory of results before anything is loaded or scored (the
+    results would otherwise be lost at the end, when they are written)."""
+    from dolly_langchain.clitools import output_dir_problem
+
+    problem = output_dir_problem(output)
+    if problem:
+        raise EvalError(f"--output {output}: {problem}; pass a directory to write the results into.")
 
 
 def _settings(args: EvalSettings) -> dict[str, Any]:
@@ -209,6 +220,8 @@ def _score_model(args, model_id, tasks, docs, errors):
     except ModelNotFoundError as err:
         raise EvalError(str(err)) from None
     fingerprint = harness.model_fingerprint(path, extra=args.device)
+    # The request cache holds pickles: refuse (one line) a cache that is not the user's alone before the model loads.
+    harness.private_cache_dir(fingerprint)
     scores: dict[str, Any] = {}
     lm = None
     start = time.perf_counter()
