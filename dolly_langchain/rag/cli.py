@@ -38,7 +38,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dolly_langchain.clitools import CLIError, add_generation_arguments, load_llm, positive_int
+from dolly_langchain.clitools import (
+    CLIError,
+    add_generation_arguments,
+    load_llm,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    text,
+)
 
 SOURCE_PREVIEW_WORDS = 12
 #: ``--max-file-mb`` default: :data:`dolly_langchain.rag.loaders.DEFAULT_MAX_FILE_MB` (not imported here, so that
@@ -83,7 +91,7 @@ def configure_index(index: argparse.ArgumentParser) -> None:
         help="most tokens per chunk (default 256 for a new index; an existing index keeps its own)",
     )
     index.add_argument(
-        "--chunk-overlap", type=_non_negative_int, default=None, metavar="N",
+        "--chunk-overlap", type=non_negative_int, default=None, metavar="N",
         help="tokens shared by neighbouring chunks (default 32)",
     )
     index.add_argument(
@@ -91,7 +99,7 @@ def configure_index(index: argparse.ArgumentParser) -> None:
         help="also store dense vectors: 'minilm' (offline all-MiniLM-L6-v2), an encoder directory or a hub id",
     )
     index.add_argument(
-        "--max-file-mb", type=_positive_float, default=DEFAULT_MAX_FILE_MB, metavar="MB",
+        "--max-file-mb", type=positive_float, default=DEFAULT_MAX_FILE_MB, metavar="MB",
         help=f"largest file to read, in MB (default {DEFAULT_MAX_FILE_MB}); larger files are reported as failed",
     )
     index.add_argument(
@@ -110,7 +118,7 @@ def configure_index(index: argparse.ArgumentParser) -> None:
 
 def configure_ask(ask: argparse.ArgumentParser) -> None:
     """The flags of ``dolly rag ask``."""
-    ask.add_argument("question", help="what to ask")
+    ask.add_argument("question", type=text, help="what to ask")
     ask.add_argument("--index", type=Path, required=True, metavar="FILE", help="an index built by dolly rag index")
     ask.add_argument("--k", type=positive_int, default=4, metavar="N", help="passages to retrieve (default: 4)")
     ask.add_argument(
@@ -246,20 +254,6 @@ def _chunk_tokens(text: str) -> int:
     value = int(text)
     if value < 16:
         raise argparse.ArgumentTypeError(f"must be at least 16, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
 
 

@@ -350,3 +350,12 @@ def test_out_of_range_chunk_flags_are_usage_errors(capsys, docs, tmp_path, flags
     with pytest.raises(SystemExit) as exit_info:
         main(["rag", "index", str(docs), "--index", str(tmp_path / "i.sqlite"), *flags])
     assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_question_that_is_not_utf8_is_one_line(capsys, tmp_path):
+    from dolly_langchain.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rag", "ask", "caf\udce9?", "--index", str(tmp_path / "none.sqlite")])
+    assert exit_info.value.code == 2
+    assert "argument question: is not valid UTF-8 (byte 0xe9" in capsys.readouterr().err
