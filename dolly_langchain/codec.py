@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from dolly_langchain.errors import DollyValueError
+from dolly_langchain.errors import DollyTypeError, DollyValueError
 from dolly_langchain.prompts import (
     DOLLY_SPECIAL_TOKENS,
     END_KEY,
@@ -167,6 +167,7 @@ class PromptCodec:
         pending = ""
         for text, is_user in segments:
             if is_user:
+                check_text(text)  # here, so the error counts characters in the user's own text
                 pending += text
                 continue
             start = 0
@@ -182,8 +183,13 @@ class PromptCodec:
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
             return []
+        check_text(text)
         # verbose=False: no "sequence length is longer than the maximum" warning; check_window refuses those.
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain ``text``, control strings in it kept as plain text (no prompt format, no BOS)."""
+        return self._encode_plain(text)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of plain ``text`` (control strings in it count as the plain text the model reads them as)."""
@@ -194,7 +200,7 @@ class PromptCodec:
     def stop_strings(self, stop_sequences: Sequence[str] | None = None) -> list[str]:
         """Strings at which text must end: ``### End`` for ``dolly-text``, plus the caller's stop sequences."""
         strings = [END_KEY] if self.prompt_format == "dolly-text" else []
-        return strings + [s for s in (stop_sequences or []) if s]
+        return strings + [s for s in check_stop(stop_sequences) if s]
 
     def decode_response(self, new_ids: Sequence[int], stop_sequences: Sequence[str] | None = None) -> str:
         """Turn generated ids into the response: cut at the first stop token, decode, cut at stop strings."""
@@ -291,22 +297,51 @@ class StreamingResponse:
 
     def feed(self, piece: str) -> str:
         self.text += piece
-        body = self.text.lstrip()
-        cut = cut_at_stop(body, self.stop_strings)
-        if len(cut) < len(body):
+        # Stops are found in the whole text before it is stripped, as cut_at_stop(text).strip() does: a stop string
+        # that starts with whitespace (found by the fuzz tests: stop "\r" in "\r0") must still end the response.
+        cut = cut_at_stop(self.text, self.stop_strings)
+        if len(cut) < len(self.text):
             self.stopped = True
-            return self._emit(cut.rstrip())
-        safe = len(body) - max((_overlap(body, s) for s in self.stop_strings), default=0)
-        return self._emit(body[:safe].rstrip())
+            return self._emit(cut.strip())
+        safe = len(self.text) - max((_overlap(self.text, s) for s in self.stop_strings), default=0)
+        return self._emit(self.text[:safe].strip())
 
     def finish(self) -> str:
-        return self._emit(cut_at_stop(self.text.lstrip(), self.stop_strings).rstrip())
+        return self._emit(cut_at_stop(self.text, self.stop_strings).strip())
 
     def _emit(self, ready: str) -> str:
         if len(ready) <= self.emitted:
             return ""
         out, self.emitted = ready[self.emitted :], len(ready)
         return out
+
+
+def check_stop(stop: Any) -> list[str]:
+    """The caller's stop sequences as a list of strings: ``None`` is none, one string is one stop sequence
+    (never split into its characters); anything else must be a list or tuple of strings (a
+    :class:`~dolly_langchain.errors.DollyTypeError` otherwise, raised before anything is generated)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise DollyTypeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    for item in stop:
+        if not isinstance(item, str):
+            raise DollyTypeError(f"stop must be a list of strings; it holds {item!r} ({type(item).__name__})")
+    return list(stop)
+
+
+def check_text(text: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``, left by decoding bytes
+    with ``errors="surrogateescape"``) with a :class:`~dolly_langchain.errors.DollyValueError` naming where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DollyValueError(
+            f"the text holds a lone surrogate {text[err.start]!r} at character {err.start}: it is not valid Unicode "
+            "(decode bytes with errors='replace', or fix the input's encoding)"
+        ) from None
 
 
 def cut_at_stop(text: str, stop_strings) -> str:

@@ -19,6 +19,7 @@ This module imports nothing heavy (no torch, transformers or langchain), so comm
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -84,6 +85,8 @@ class SamplingOptions:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise DollyValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature):
+            raise DollyValueError(f"temperature must be a finite number, got {self.temperature}")
         if self.do_sample and self.temperature <= 0:
             raise DollyValueError(f"temperature must be above 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -110,13 +113,31 @@ def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
         value = values.get(name)
         return _DEFAULTS[name] if value is None else value
 
+    def number(name: str, kind: type):
+        value = get(name)
+        if kind is int and isinstance(value, int):
+            return int(value)
+        try:
+            converted = float(value)
+        except (TypeError, ValueError):
+            raise DollyValueError(f"{name} must be a number, got {value!r}") from None
+        # nan and inf are refused even where greedy decoding would ignore them: they are never meant.
+        if not math.isfinite(converted):
+            raise DollyValueError(f"{name} must be a finite number, got {value!r}")
+        if kind is int:
+            if converted != int(converted):
+                raise DollyValueError(f"{name} must be a whole number, got {value!r}")
+            return int(converted)
+        return converted
+
     do_sample = bool(get("do_sample"))
+    temperature, top_p, top_k = number("temperature", float), number("top_p", float), number("top_k", int)
     return SamplingOptions(
-        max_new_tokens=int(get("max_new_tokens")),
+        max_new_tokens=number("max_new_tokens", int),
         do_sample=do_sample,
-        temperature=float(get("temperature")) if do_sample else 1.0,
-        top_p=float(get("top_p")) if do_sample else 1.0,
-        top_k=int(get("top_k")) if do_sample else 0,
+        temperature=temperature if do_sample else 1.0,
+        top_p=top_p if do_sample else 1.0,
+        top_k=top_k if do_sample else 0,
         logprobs=bool(get("logprobs")),
     )
 

@@ -36,9 +36,9 @@ class DollyModelFields(BaseModel):
     """Most tokens generated per response (Dolly's default: 256)."""
     do_sample: bool = DEFAULT_GENERATION["do_sample"]
     """Sample (Dolly's default) or decode greedily (``False``, reproducible)."""
-    temperature: float = 1.0
+    temperature: float = Field(default=1.0, allow_inf_nan=False)
     """Sampling temperature; ignored when ``do_sample`` is False."""
-    top_p: float = DEFAULT_GENERATION["top_p"]
+    top_p: float = Field(default=DEFAULT_GENERATION["top_p"], allow_inf_nan=False)
     """Nucleus sampling mass (Dolly's default: 0.92); ignored when ``do_sample`` is False."""
     top_k: int = DEFAULT_GENERATION["top_k"]
     """Top-k sampling cut-off, 0 for none (Dolly's default); ignored when ``do_sample`` is False."""
@@ -163,7 +163,7 @@ class DollyModelFields(BaseModel):
         """
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+        return self.codec.encode_text(text)
 
     def _params(self) -> dict[str, Any]:
         return {

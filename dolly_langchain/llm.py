@@ -30,6 +30,7 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import ConfigDict
 
 from dolly_langchain.codec import StreamingResponse
@@ -62,6 +63,45 @@ class DollyLLM(DollyModelFields, BaseLLM):
     def count_prompt_tokens(self, prompt: str) -> int:
         """Tokens the model reads for ``prompt`` once wrapped in its format (Dolly's text or the chat template)."""
         return len(self.codec.encode_prompt(prompt))
+
+    # -- batches -----------------------------------------------------------------------------------------------
+
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """LangChain's ``batch``; with ``return_exceptions=True`` each input's error is its own.
+
+        ``BaseLLM.batch`` runs all prompts as one ``generate`` call and, when any prompt fails, returns that one
+        error for every input. Here, when that happens, the inputs are run again as separate concurrent calls
+        (which still share engine batches through the scheduler), so one bad prompt fails only itself.
+        """
+        if not return_exceptions or len(inputs) < 2:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        try:
+            return super().batch(inputs, config, return_exceptions=False, **kwargs)
+        except Exception:  # noqa: BLE001 - find out which inputs failed: one call each
+            return Runnable.batch(self, inputs, config, return_exceptions=True, **kwargs)
+
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Async :meth:`batch`: with ``return_exceptions=True`` each input's error is its own."""
+        if not return_exceptions or len(inputs) < 2:
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        try:
+            return await super().abatch(inputs, config, return_exceptions=False, **kwargs)
+        except Exception:  # noqa: BLE001
+            return await Runnable.abatch(self, inputs, config, return_exceptions=True, **kwargs)
 
     # -- generation ------------------------------------------------------------------------------------------
 

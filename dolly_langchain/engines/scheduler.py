@@ -7,8 +7,9 @@ arriving while a batch runs form the next one. After the first prompt of a batch
 ``window`` seconds for more (again after each new arrival, up to ten windows), so calls made at about the same
 time share a batch; a lone call waits one window (5 ms by default).
 
-Each call keeps its own result and its own errors: a failing batch is rerun one prompt at a time, so only the
-prompt that fails raises. A cancelled call (``Request.cancel``) leaves the queue, or, when already generating,
+Each call keeps its own result and its own errors: a row whose own callback fails while decoding (a bad stop
+string, a failing stream listener) stops there and its request fails with that error while the other rows go on;
+a batch that fails before any token is rerun one prompt at a time, so only the prompt that fails raises. A cancelled call (``Request.cancel``) leaves the queue, or, when already generating,
 its row stops at the next token.
 
 With float32 (transformers or CTranslate2) a prompt's greedy output in a shared batch equals its output alone,
@@ -53,6 +54,8 @@ class Request:
         self._on_finish = on_finish
         self._cancelled = threading.Event()
         self.tokens_seen = 0
+        self.error: BaseException | None = None
+        """The error this row's own ``on_token`` raised: the row stops, and only this request fails with it."""
 
     def cancel(self) -> None:
         """Give up on this request: it leaves the queue, or its row stops generating at the next token."""
@@ -65,11 +68,19 @@ class Request:
 
     def accept(self, token_id: int, logprob: float | None) -> bool:
         self.tokens_seen += 1
-        if self._cancelled.is_set():
+        if self._cancelled.is_set() or self.error is not None:
             return True
-        return bool(self._on_token(token_id, logprob)) if self._on_token is not None else False
+        if self._on_token is None:
+            return False
+        try:
+            return bool(self._on_token(token_id, logprob))
+        except BaseException as err:  # noqa: BLE001 - fails only this row; the engine goes on with the others
+            self.error = err
+            return True
 
     def finish(self, output: EngineOutput | None = None, error: BaseException | None = None) -> None:
+        if self.error is not None:
+            error = self.error
         try:
             if self._on_finish is not None and error is None:
                 self._on_finish()
