@@ -45,20 +45,24 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
 # "nan" and "inf": the float types refuse both, as no flag of ours means either.
 
 
-def positive_int(text: str) -> int:
-    """An integer of 1 or more (a count, a size, a number of steps)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(minimum: int, name: str):
+    """An argument type: an integer of ``minimum`` or more. ``name`` is what argparse calls the type in its
+    "invalid NAME value" message."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An integer of 0 or more."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+#: An integer of 1 or more (a count, a size, a number of steps).
+positive_int = int_at_least(1, "positive_int")
+#: An integer of 0 or more.
+non_negative_int = int_at_least(0, "non_negative_int")
 
 
 def _finite_float(text: str) -> float:

@@ -41,8 +41,10 @@ from typing import Any
 from dolly_langchain.clitools import (
     CLIError,
     add_generation_arguments,
+    int_at_least,
     load_llm,
     non_negative_int,
+    output_dir_problem,
     positive_float,
     positive_int,
     text,
@@ -87,7 +89,7 @@ def configure_index(index: argparse.ArgumentParser) -> None:
     index.add_argument("paths", nargs="+", metavar="PATH", help=".txt, .md, .pdf, .jsonl files or directories")
     index.add_argument("--index", type=Path, required=True, metavar="FILE", help="the index file (SQLite)")
     index.add_argument(
-        "--chunk-tokens", type=_chunk_tokens, default=None, metavar="N",
+        "--chunk-tokens", type=int_at_least(16, "chunk_tokens"), default=None, metavar="N",
         help="most tokens per chunk (default 256 for a new index; an existing index keeps its own)",
     )
     index.add_argument(
@@ -250,13 +252,6 @@ def remove_command(args: argparse.Namespace) -> int:
     return 2 if missing else 0
 
 
-def _chunk_tokens(text: str) -> int:
-    value = int(text)
-    if value < 16:
-        raise argparse.ArgumentTypeError(f"must be at least 16, got {value}")
-    return value
-
-
 def _check_writable(path: Path) -> None:
     """Refuse, before any work, an index path that cannot be written: a directory, a path under a file, a file or
     directory without write permission."""
@@ -269,13 +264,10 @@ def _check_writable(path: Path) -> None:
             raise CLIError(f"cannot write index {path}: the file or its directory is read-only (dolly rag ask can "
                            "still query it); make both writable, or index into a copy")
         return
-    parent = path.absolute().parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"cannot create index {path}: {parent} is not a directory; pass --index a path in a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"cannot create index {path}: {parent} is not writable; pass --index a path you can write")
+    parent = path.absolute().parent  # the directory the new index file goes into
+    problem = output_dir_problem(parent)
+    if problem:
+        raise CLIError(f"cannot create index {path} (in {parent}): {problem}; pass --index a path you can write")
 
 
 def _choose_embeddings(named: str | None, recorded: str | None, path: Path):
