@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -59,21 +60,24 @@ class BadLine:
         return error_type(f"{self}; {hint}" if hint else str(self))
 
 
-def iter_jsonl(path: str | Path, text: str | None = None) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed value)`` for each non-blank line of a JSON Lines file, or of ``text`` read from it.
+def iter_jsonl(path: str | Path, text: str | bytes | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line of a JSON Lines file, or of ``text`` (its contents,
+    already read, as bytes or str).
 
     A line that is not valid UTF-8, not valid JSON, or nested too deep for Python's parser (``RecursionError``)
     yields a :class:`BadLine` instead of a value, and reading goes on with the next line: one bad record never
     aborts a whole file, and the caller decides whether it is fatal. Line numbers count from 1 and include blank
-    lines, as an editor shows them.
+    lines, as an editor shows them. Lines end at ``\n`` only, as JSON Lines defines them (a JSON string may hold a
+    raw U+2028, which ``str.splitlines`` would cut); a UTF-8 byte order mark before the first line is ignored.
     """
     name = str(path)
-    if text is not None:
-        lines: Iterable[bytes | str] = text.splitlines()
-        yield from _parse_lines(name, lines)
-        return
-    with open(path, "rb") as handle:
-        yield from _parse_lines(name, handle)
+    if isinstance(text, bytes):
+        yield from _parse_lines(name, io.BytesIO(text))
+    elif text is not None:
+        yield from _parse_lines(name, io.StringIO(text, newline="\n"))
+    else:
+        with open(path, "rb") as handle:
+            yield from _parse_lines(name, handle)
 
 
 def _parse_lines(name: str, lines: Iterable[bytes | str]) -> Iterator[tuple[int, Any]]:
@@ -84,6 +88,8 @@ def _parse_lines(name: str, lines: Iterable[bytes | str]) -> Iterator[tuple[int,
             except UnicodeDecodeError as err:
                 yield number, BadLine(name, number, f"not valid UTF-8 (byte {err.start})")
                 continue
+        if number == 1:
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:

@@ -216,13 +216,14 @@ def build_trainer(args: argparse.Namespace, resume_from: str | None = None):
 
     check_lora_flags(args)
     init_cpu_distributed(args)
+    # The data is read first: a bad record is reported in seconds, not after the tokenizer and config downloads.
+    records, n_bad = load_records(args.training_dataset, args.max_records, args.skip_bad_records)
     tokenizer = _load_tokenizer(args.input_model)
     add_dolly_special_tokens(tokenizer)
     model_limit = model_max_length(AutoConfig.from_pretrained(args.input_model))
     if args.max_length and args.max_length > model_limit:
         raise FinetuneError(f"--max-length {args.max_length} exceeds what {args.input_model} supports ({model_limit}).")
     max_length = args.max_length or model_limit
-    records, n_bad = load_records(args.training_dataset, args.max_records, args.skip_bad_records)
     dataset, n_dropped = build_dataset(records, tokenizer, max_length)
     logger.info(
         "%d records from %s (%d bad skipped, %d longer than %d tokens dropped)",

@@ -129,7 +129,7 @@ def read_file(
     if suffix in PDF_SUFFIXES:
         documents = _read_pdf(path, data, source)
     elif suffix in JSONL_SUFFIXES:
-        documents = _read_jsonl(path, _decode(path, data), source, text_field)
+        documents = _read_jsonl(path, data, source, text_field)
     elif suffix in MARKDOWN_SUFFIXES + TEXT_SUFFIXES:
         documents = [Document(page_content=_decode(path, data), metadata={"source": source})]
     else:
@@ -167,11 +167,12 @@ def _read_pdf(path: Path, data: bytes, source: str) -> list[Document]:
     ]
 
 
-def _read_jsonl(path: Path, text: str, source: str, text_field: str) -> list[Document]:
+def _read_jsonl(path: Path, data: bytes, source: str, text_field: str) -> list[Document]:
     """One document per record: ``record[text_field]`` is the text, the other fields and ``line`` the metadata
-    (a record's own ``source`` or ``line`` field gives way to the file path and line number)."""
+    (a record's own ``source`` or ``line`` field gives way to the file path and line number). A line that is not
+    UTF-8 or JSON fails the file with its line number (one reported failure; the index goes on with other files)."""
     documents = []
-    for line_number, record in iter_jsonl(path, text=text):
+    for line_number, record in iter_jsonl(path, text=data):
         if isinstance(record, BadLine):  # "FILE:LINE: invalid JSON (Expecting ...)", as this reader always said
             reason = record.reason.replace("not valid JSON", "invalid JSON", 1)
             raise UnreadableFileError(f"{path}:{line_number}: {reason}")
