@@ -98,7 +98,7 @@ class TokenCounter:
 
 
 def timed(llm, max_new_tokens: int, run) -> tuple[dict, list[str]]:
-    with TokenCounter(llm.engine, max_new_tokens) as counter:
+    with TokenCounter(llm.generation_engine, max_new_tokens) as counter:
         start = time.perf_counter()
         outputs = run()
         seconds = time.perf_counter() - start
@@ -110,7 +110,7 @@ def bench_engine(llm, single: list[str], batch: list[str], max_new_tokens: int) 
     llm.invoke(single[0], max_new_tokens=4)  # warm-up: first-call allocations
     batch1, _ = timed(llm, max_new_tokens, lambda: [llm.invoke(p) for p in single])
     batch16, _ = timed(llm, max_new_tokens, lambda: llm.batch(batch))
-    return {**llm.engine.describe(), "batch1": batch1, "batch16": batch16}
+    return {**llm.generation_engine.describe(), "batch1": batch1, "batch16": batch16}
 
 
 def bench_concurrency(llm, prompts: list[str], max_new_tokens: int) -> dict:
@@ -121,7 +121,7 @@ def bench_concurrency(llm, prompts: list[str], max_new_tokens: int) -> dict:
     concurrent, concurrent_out = timed(llm, max_new_tokens, lambda: asyncio.run(gather()))
     alone = [llm.invoke(p) for p in prompts]
     return {
-        **llm.engine.describe(),
+        **llm.generation_engine.describe(),
         "one_batch_call": batch,
         "concurrent_ainvoke": concurrent,
         "concurrent_over_batch": round(concurrent["tokens_per_s"] / batch["tokens_per_s"], 2),
@@ -140,7 +140,7 @@ def int8_quality(fp32_llm, int8_llm, prompts: list[str]) -> dict:
     scores = [scorer.score(ref, cand)["rougeL"].fmeasure for ref, cand in zip(reference, candidate)]
     return {
         "prompts": len(prompts),
-        "reference": fp32_llm.engine.describe(),
+        "reference": fp32_llm.generation_engine.describe(),
         "rougeL_f1_mean": round(sum(scores) / len(scores), 4),
         "rougeL_f1_median": round(sorted(scores)[len(scores) // 2], 4),
         "identical_answers": sum(a == b for a, b in zip(reference, candidate)),
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     for name, llm in llms.items():
         report["engines"][name] = bench_engine(llm, single, batch, args.max_new_tokens)
     default = DollyLLM.from_model_id(args.model, **options) if args.model is None else llms["transformers"]
-    report["default_engine"] = default.engine.describe()
+    report["default_engine"] = default.generation_engine.describe()
     report["concurrency"] = bench_concurrency(default, batch, args.max_new_tokens)
 
     import llamacpp_reference
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
 
     engines = report["engines"]
     ratios = {}
-    ct2 = engines.get(f"ctranslate2_{default.engine.describe().get('compute_type', '')}")
+    ct2 = engines.get(f"ctranslate2_{default.generation_engine.describe().get('compute_type', '')}")
     if ct2:
         ratios["ctranslate2_b1_over_transformers_b1"] = round(
             ct2["batch1"]["tokens_per_s"] / engines["transformers"]["batch1"]["tokens_per_s"], 2)

@@ -24,7 +24,8 @@ Streaming, ``stop``, batching (``batch``/``abatch`` and concurrent calls share e
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -37,9 +38,10 @@ from langchain_core.messages import (
     SystemMessage,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict
+from langchain_core.runnables import Runnable
+from pydantic import BaseModel, ConfigDict
 
-from dolly_langchain.errors import DollyValueError, NotSupportedError
+from dolly_langchain.errors import DollyTypeError, DollyValueError, NotSupportedError
 from dolly_langchain.generation import OPTION_NAMES
 from dolly_langchain.lc_common import DollyModelFields
 from dolly_langchain.runtime import Completion
@@ -58,7 +60,8 @@ class ChatDolly(DollyModelFields, BaseChatModel):
     @classmethod
     def from_llm(cls, llm, **fields: Any) -> ChatDolly:
         """A chat model on a ``DollyLLM``'s loaded model, engine and scheduler, with its generation options."""
-        options = {name: getattr(llm, name) for name in ("model_id", *OPTION_NAMES, "batch_size")}
+        names = ("model_id", *OPTION_NAMES, "batch_size", "stop", "timeout", "streaming")
+        options = {name: getattr(llm, name) for name in names}
         return cls(runtime=llm.runtime, pipeline=llm.given_pipeline, **{**options, **fields})
 
     @property
@@ -67,9 +70,57 @@ class ChatDolly(DollyModelFields, BaseChatModel):
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any):
         raise NotSupportedError(
-            "ChatDolly does not support tool calling: Dolly-style models were not trained to call tools. "
-            "Use a tool-calling model for agents, or put the tool's output into the conversation as text."
+            "ChatDolly does not support tool calling: Dolly-style models were not trained to call tools. For "
+            "answers in a fixed shape use chat.with_structured_output(schema) (JSON constrained to the schema); for "
+            "agents use a tool-calling model, or put the tool's output into the conversation as text."
         )
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["json_schema", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable:
+        """A runnable that answers with a parsed object: an instance of a pydantic ``schema``, else a dict.
+
+        ``schema``: a pydantic model class, a ``TypedDict`` class or a JSON-schema dict. ``method="json_schema"``
+        constrains decoding to the schema (:mod:`dolly_langchain.structured`): every token is checked against a
+        grammar compiled from it, so the output always parses and validates (within ``max_tokens``: a response
+        cut by the token limit is an incomplete JSON value and fails to parse). ``method="json_mode"`` constrains
+        to any JSON object; describe the fields in the prompt. ``include_raw=True`` returns
+        ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`` instead of raising on a parse error.
+        There is no ``"function_calling"`` method: these models have no tool calling.
+        """
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.runnables import RunnableMap, RunnablePassthrough
+
+        from dolly_langchain.structured import JsonGrammar
+
+        if kwargs:
+            raise DollyTypeError(f"with_structured_output() got unknown arguments {sorted(kwargs)}")
+        if method == "json_schema":
+            if schema is None:
+                raise DollyValueError("method='json_schema' needs a schema; use method='json_mode' for any JSON")
+            grammar = JsonGrammar.from_schema(schema)
+        elif method == "json_mode":
+            grammar = JsonGrammar.json_mode()
+        else:
+            raise DollyValueError(
+                f"method must be 'json_schema' or 'json_mode', got {method!r} (ChatDolly has no tool calling)"
+            )
+        llm = self.bind(
+            response_format=grammar,
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": grammar.schema},
+        )
+        is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
+        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
 
     def get_num_tokens(self, text: str) -> int:
         return self.codec.count_tokens(text)
@@ -91,8 +142,9 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         options = self._sampling(kwargs)
-        [completion] = self.runtime.generate([self._encode(messages, options)], options, stop)
-        return _result(completion)
+        [completion] = self.runtime.generate([self._encode(messages, options)], options, self._stops(stop),
+                                             timeout=self._timeout(kwargs))
+        return self._result(completion)
 
     async def _agenerate(
         self,
@@ -102,8 +154,9 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         options = self._sampling(kwargs)
-        [completion] = await self.runtime.agenerate([self._encode(messages, options)], options, stop)
-        return _result(completion)
+        [completion] = await self.runtime.agenerate([self._encode(messages, options)], options, self._stops(stop),
+                                                    timeout=self._timeout(kwargs))
+        return self._result(completion)
 
     def _stream(
         self,
@@ -113,12 +166,13 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         options = self._sampling(kwargs)
-        for item in self.runtime.stream(self._encode(messages, options), options, stop):
-            chunk = _chunk(item)
-            if chunk is not None:
-                if run_manager:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+        items = self.runtime.stream(self._encode(messages, options), options, self._stops(stop),
+                                    timeout=self._timeout(kwargs))
+        for item in items:
+            chunk = self._chunk(item)
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
     async def _astream(
         self,
@@ -128,12 +182,36 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         options = self._sampling(kwargs)
-        async for item in self.runtime.astream(self._encode(messages, options), options, stop):
-            chunk = _chunk(item)
-            if chunk is not None:
-                if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+        items = self.runtime.astream(self._encode(messages, options), options, self._stops(stop),
+                                     timeout=self._timeout(kwargs))
+        async for item in items:
+            chunk = self._chunk(item)
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    # -- results -----------------------------------------------------------------------------------------------
+
+    def _metadata(self, completion: Completion) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"model_name": self.model_name, "finish_reason": completion.finish_reason,
+                                    "model_provider": "dolly_langchain"}
+        if completion.logprobs is not None:
+            # ChatOpenAI's shape: response_metadata["logprobs"]["content"] = [{"token", "logprob", ...}].
+            metadata["logprobs"] = {"content": [dict(t) for t in completion.logprobs]}
+        return metadata
+
+    def _result(self, completion: Completion) -> ChatResult:
+        message = AIMessage(content=completion.text, response_metadata=self._metadata(completion),
+                            usage_metadata=completion.usage)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _chunk(self, item: str | Completion) -> ChatGenerationChunk:
+        if isinstance(item, str):
+            return ChatGenerationChunk(message=AIMessageChunk(content=item))
+        # The last chunk: no text (it came before), the usage and metadata, once, as LangChain sums chunks.
+        return ChatGenerationChunk(message=AIMessageChunk(
+            content="", response_metadata=self._metadata(item), usage_metadata=item.usage, chunk_position="last",
+        ))
 
 
 def _roles(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
@@ -172,24 +250,3 @@ def _text(message: BaseMessage) -> str:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise DollyValueError(f"ChatDolly reads text only; a {message.type} message holds a {kind!r} block")
     return "".join(parts)
-
-
-def _metadata(completion: Completion) -> dict[str, Any]:
-    if completion.logprobs is None:
-        return {}
-    # ChatOpenAI's shape: response_metadata["logprobs"]["content"] = [{"token", "logprob", ...}].
-    return {"logprobs": {"content": [dict(t) for t in completion.logprobs]}}
-
-
-def _result(completion: Completion) -> ChatResult:
-    message = AIMessage(content=completion.text, response_metadata=_metadata(completion))
-    return ChatResult(generations=[ChatGeneration(message=message)])
-
-
-def _chunk(item: str | Completion) -> ChatGenerationChunk | None:
-    if isinstance(item, str):
-        return ChatGenerationChunk(message=AIMessageChunk(content=item))
-    metadata = _metadata(item)
-    if not metadata and item.text:
-        return None  # the text came in the chunks before; an empty answer still streams one (empty) chunk
-    return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=metadata))

@@ -66,7 +66,8 @@ DEFAULT_BATCH_SIZE = 16
 EMBEDDED_MODEL_LABEL = f"{EMBEDDED_MODEL_NAME} (embedded)"
 
 #: The per-call generation options of ``DollyLLM``/``ChatDolly`` (fields of the same names set their defaults).
-OPTION_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "logprobs")
+OPTION_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
+                "no_repeat_ngram_size", "seed", "logprobs")
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,19 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0
     """0: no top-k cut-off."""
+    repetition_penalty: float = 1.0
+    """Above 1 lowers the score of every token already in the prompt or the response (CTRL's penalty, as
+    transformers and CTranslate2 apply it); 1 is off."""
+    no_repeat_ngram_size: int = 0
+    """Never generate an n-gram of this many tokens twice; 0 is off."""
+    seed: int | None = None
+    """Seeds the sampler before the batch runs, for reproducible sampling (``None``: not seeded). Greedy decoding
+    ignores it. A seeded call is reproducible when it runs alone or with the same calls in its batch."""
     logprobs: bool = False
     """Report each generated token's log-probability (log-softmax of the model's logits before sampling)."""
+    grammar: Any = None
+    """A :class:`~dolly_langchain.structured.JsonGrammar` the response must match (constrained decoding), or
+    ``None``. Set by ``response_format=`` / ``with_structured_output``."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -93,6 +105,10 @@ class SamplingOptions:
             raise DollyValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise DollyValueError(f"top_k must be 0 (no cut-off) or more, got {self.top_k}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise DollyValueError(f"repetition_penalty must be above 0 (1 is off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise DollyValueError(f"no_repeat_ngram_size must be 0 (off) or more, got {self.no_repeat_ngram_size}")
 
 
 #: What a missing option means: Dolly's default, else the SamplingOptions field's.
@@ -100,13 +116,14 @@ _DEFAULTS = {**{f.name: f.default for f in fields(SamplingOptions)}, **DEFAULT_G
 
 
 def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
-    """:class:`SamplingOptions` from generate-style keyword arguments (``max_new_tokens``, ``do_sample``,
-    ``temperature``, ``top_p``, ``top_k``, ``logprobs``); a name that is missing or ``None`` takes Dolly's default
-    (:data:`DEFAULT_GENERATION`, else the :class:`SamplingOptions` default).
+    """:class:`SamplingOptions` from generate-style keyword arguments (:data:`OPTION_NAMES`, and ``grammar``); a
+    name that is missing or ``None`` takes Dolly's default (:data:`DEFAULT_GENERATION`, else the
+    :class:`SamplingOptions` default).
 
-    Greedy decoding (``do_sample=False``) ignores ``temperature``, ``top_p`` and ``top_k``, as transformers'
-    ``generate`` does, so greedy calls with different sampling settings still share a batch. Other names are the
-    caller's to check (``DollyLLM`` refuses them; the pipeline adapter hands them to ``generate``).
+    ``temperature=0`` means greedy decoding, as it does for every LangChain chat model. Greedy decoding
+    (``do_sample=False``) ignores ``temperature``, ``top_p``, ``top_k`` and ``seed``, as transformers' ``generate``
+    does, so greedy calls with different sampling settings still share a batch. Other names are the caller's to
+    check (``DollyLLM`` refuses them; the pipeline adapter hands them to ``generate``).
     """
 
     def get(name: str):
@@ -130,15 +147,22 @@ def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
             return int(converted)
         return converted
 
-    do_sample = bool(get("do_sample"))
     temperature, top_p, top_k = number("temperature", float), number("top_p", float), number("top_k", int)
+    do_sample = bool(get("do_sample")) and temperature != 0  # LangChain's temperature=0: greedy
+    seed = values.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise DollyValueError(f"seed must be a whole number or None, got {seed!r}")
     return SamplingOptions(
         max_new_tokens=number("max_new_tokens", int),
         do_sample=do_sample,
         temperature=temperature if do_sample else 1.0,
         top_p=top_p if do_sample else 1.0,
         top_k=top_k if do_sample else 0,
+        repetition_penalty=number("repetition_penalty", float),
+        no_repeat_ngram_size=number("no_repeat_ngram_size", int),
+        seed=seed if do_sample else None,
         logprobs=bool(get("logprobs")),
+        grammar=values.get("grammar"),
     )
 
 

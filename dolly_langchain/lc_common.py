@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dolly_langchain.codec import check_stop
 from dolly_langchain.errors import DollyTypeError, DollyValueError
 from dolly_langchain.generation import (
     DEFAULT_BATCH_SIZE,
@@ -15,58 +16,127 @@ from dolly_langchain.generation import (
     SamplingOptions,
     sampling_options,
 )
-from dolly_langchain.runtime import DollyRuntime, load_runtime
+from dolly_langchain.runtime import DollyRuntime, load_runtime, shared_runtime
 
-_LOAD_OPTIONS = (*OPTION_NAMES, "batch_size")
+_LOAD_OPTIONS = (*OPTION_NAMES, "batch_size", "stop", "timeout", "max_retries", "streaming", "max_tokens")
+#: Per-call keyword arguments besides the sampling options: LangChain's names for them, and JSON output.
+_CALL_EXTRAS = ("max_tokens", "timeout", "response_format", "stream", "ls_structured_output_format")
 
 
 class DollyModelFields(BaseModel):
-    """Generation options and the runtime (engine + codec + batching) of a Dolly LangChain model."""
+    """Generation options and the runtime (engine + codec + batching) of a Dolly LangChain model.
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    LangChain's standard constructor parameters mean what they mean for every chat model: ``model`` (alias of
+    ``model_id``), ``temperature`` (0 decodes greedily), ``max_tokens`` (alias of ``max_new_tokens``), ``stop``,
+    ``timeout``, ``max_retries``, ``streaming`` and ``seed``. Unknown parameters are errors.
+
+    Built by name (``ChatDolly(model="databricks/dolly-v2-3b")``, or no ``model`` for the embedded
+    SmolLM2-135M-Instruct), nothing loads until the first call; instances of one model with the same ``engine``,
+    ``compute_type`` and ``device`` then share one loaded runtime (one copy of the weights, one scheduler, shared
+    batches; :func:`~dolly_langchain.runtime.shared_runtime`). ``from_model_id`` loads at once, a runtime of its
+    own; ``runtime=`` or ``pipeline=`` bring one already loaded.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, populate_by_name=True,
+                              protected_namespaces=())
 
     given_pipeline: Any = Field(default=None, alias="pipeline", exclude=True)
     """``pipeline=``: bring your own :class:`~dolly_langchain.pipeline.InstructionTextGenerationPipeline`; its
     runtime is used (and shared). Read it back as :attr:`pipeline`."""
-    runtime: Any = Field(default=None, exclude=True)
-    """The :class:`~dolly_langchain.runtime.DollyRuntime`: codec, engine and the scheduler that batches calls."""
-    model_id: str | None = None
-    """Hub id or local directory the model came from."""
-    max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"]
-    """Most tokens generated per response (Dolly's default: 256)."""
+    given_runtime: Any = Field(default=None, alias="runtime", exclude=True)
+    """``runtime=``: a loaded :class:`~dolly_langchain.runtime.DollyRuntime` to use (and share). Read it back, or
+    load it on first use, as :attr:`runtime`."""
+    model_id: str | None = Field(default=None, alias="model")
+    """``model=``: hub id or local directory of the model; ``None`` is the embedded SmolLM2-135M-Instruct."""
+    engine: str | None = None
+    """``"transformers"``, ``"ctranslate2"``, or ``None``/``"auto"`` (CTranslate2 int8 for the embedded model when
+    installed, transformers otherwise); set to the engine in use once the model is loaded."""
+    compute_type: str = "auto"
+    """How CTranslate2 stores and computes the weights (``"int8"``, ``"float16"``...; ``"auto"``)."""
+    device: str | None = None
+    """``"cpu"`` or ``"cuda"`` (``None``: CPU for CTranslate2, where transformers loads it otherwise)."""
+    max_new_tokens: int = Field(default=DEFAULT_GENERATION["max_new_tokens"], ge=1, alias="max_tokens")
+    """``max_tokens=``: most tokens generated per response (Dolly's default: 256)."""
     do_sample: bool = DEFAULT_GENERATION["do_sample"]
-    """Sample (Dolly's default) or decode greedily (``False``, reproducible)."""
-    temperature: float = Field(default=1.0, allow_inf_nan=False)
-    """Sampling temperature; ignored when ``do_sample`` is False."""
+    """Sample (Dolly's default) or decode greedily (``False``, reproducible); ``temperature=0`` is greedy too."""
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    """Sampling temperature; 0 decodes greedily (LangChain's meaning). Ignored when ``do_sample`` is False."""
     top_p: float = Field(default=DEFAULT_GENERATION["top_p"], allow_inf_nan=False)
-    """Nucleus sampling mass (Dolly's default: 0.92); ignored when ``do_sample`` is False."""
+    """Nucleus sampling mass (Dolly's default: 0.92); ignored when decoding greedily."""
     top_k: int = DEFAULT_GENERATION["top_k"]
-    """Top-k sampling cut-off, 0 for none (Dolly's default); ignored when ``do_sample`` is False."""
+    """Top-k sampling cut-off, 0 for none (Dolly's default); ignored when decoding greedily."""
+    repetition_penalty: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Above 1 discourages tokens already in the prompt or response (1: off); works greedy and sampling."""
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
+    """Never repeat an n-gram of this many tokens (0: off)."""
+    seed: int | None = None
+    """Seed for reproducible sampling (greedy decoding needs none)."""
     logprobs: bool = False
     """Report the log-probability of each generated token (``generation_info`` / ``response_metadata``)."""
+    stop: list[str] | None = None
+    """Stop sequences of every call; a call's own ``stop`` adds to them."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds a call may take; past it the call raises ``TimeoutError`` and leaves its batch (``None``: no limit)."""
+    max_retries: int = Field(default=0, ge=0)
+    """Accepted for LangChain's standard constructor; a local model has no transient (network, rate-limit) errors to
+    retry, so nothing is retried."""
+    streaming: bool = False
+    """``invoke`` generates through the stream, so callbacks see each token (``on_llm_new_token``)."""
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     """Most prompts per engine batch. Prompts of one ``batch`` call and calls made at the same time from other
     threads or tasks share batches up to this size; 16 keeps a 2-core CPU busy, raise it on a GPU."""
 
     @model_validator(mode="after")
     def _attach_runtime(self):
-        if self.runtime is None:
-            if self.given_pipeline is None:
-                raise DollyValueError(
-                    f"{type(self).__name__} needs pipeline=InstructionTextGenerationPipeline(...), runtime=..., or "
-                    f"{type(self).__name__}.from_model_id(...)"
-                )
+        if self.given_runtime is None and self.given_pipeline is not None:
             try:
-                self.runtime = self.given_pipeline.runtime
+                self.given_runtime = self.given_pipeline.runtime
             except AttributeError:
                 raise DollyValueError("pipeline= must be a dolly_langchain.pipeline.InstructionTextGenerationPipeline"
                                       ) from None
-        if not isinstance(self.runtime, DollyRuntime):
-            raise DollyValueError("runtime must be a dolly_langchain.runtime.DollyRuntime")
-        self.runtime.scheduler.batch_size = self.batch_size
-        if self.model_id is None and self.runtime.engine.name == "transformers":
-            self.model_id = self.runtime.engine.model.name_or_path or None
+        if self.given_runtime is None:
+            # Built by name: checked now (cheap), loaded on first use.
+            from dolly_langchain.generation import COMPUTE_TYPE_CHOICES, DEVICES, ENGINE_CHOICES
+
+            if self.engine not in (None, *ENGINE_CHOICES):
+                raise DollyValueError(f"engine must be one of {ENGINE_CHOICES}, got {self.engine!r}")
+            if self.compute_type not in COMPUTE_TYPE_CHOICES:
+                raise DollyValueError(f"compute_type must be one of {COMPUTE_TYPE_CHOICES}, got {self.compute_type!r}")
+            if self.device not in (None, *DEVICES):
+                raise DollyValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+            return self
+        self._use_runtime(self.given_runtime)
         return self
+
+    def _use_runtime(self, runtime) -> None:
+        if not isinstance(runtime, DollyRuntime):
+            raise DollyValueError("runtime must be a dolly_langchain.runtime.DollyRuntime")
+        if "batch_size" in self.model_fields_set or self.given_runtime is None:
+            runtime.scheduler.batch_size = self.batch_size
+        self.given_runtime = runtime
+        self.engine = runtime.engine.name
+        if self.model_id is None and runtime.engine.name == "transformers":
+            self.model_id = runtime.engine.model.name_or_path or None
+
+    @property
+    def runtime(self) -> DollyRuntime:
+        """The :class:`~dolly_langchain.runtime.DollyRuntime` (codec, engine, and the scheduler that batches calls),
+        loaded on first use for a model built by name."""
+        if self.given_runtime is None:
+            model_id = None if self.model_id == EMBEDDED_MODEL_LABEL else self.model_id
+            runtime = shared_runtime(model_id, engine=self.engine, compute_type=self.compute_type, device=self.device)
+            if self.given_runtime is None:  # another thread may have got here first: same runtime either way
+                self._use_runtime(runtime)
+        return self.given_runtime
+
+    @property
+    def model_name(self) -> str:
+        """What the model is called in traces and metadata (``ls_model_name``, ``response_metadata``)."""
+        if self.model_id:
+            return self.model_id
+        if self.given_runtime is None:
+            return EMBEDDED_MODEL_LABEL
+        return str(getattr(self.given_runtime.engine, "model_dir", None) or self.given_runtime.engine.name)
 
     @classmethod
     def from_model_id(
@@ -119,8 +189,9 @@ class DollyModelFields(BaseModel):
         return self.given_pipeline
 
     @property
-    def engine(self):
-        """The :class:`~dolly_langchain.engines.base.GenerationEngine` that runs the model."""
+    def generation_engine(self):
+        """The loaded :class:`~dolly_langchain.engines.base.GenerationEngine` that runs the model (``engine`` is the
+        name of its kind)."""
         return self.runtime.engine
 
     @property
@@ -148,10 +219,15 @@ class DollyModelFields(BaseModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)  # BaseLLM's or BaseChatModel's, next in the MRO
         params["ls_provider"] = "dolly_langchain"
-        params["ls_model_name"] = self.model_id
-        params["ls_max_tokens"] = kwargs.get("max_new_tokens", self.max_new_tokens)
-        params["ls_prompt_format"] = self.prompt_format
-        params["ls_engine"] = self.engine.name
+        params["ls_model_name"] = self.model_name
+        options = self._sampling({k: v for k, v in kwargs.items() if k in OPTION_NAMES or k == "max_tokens"})
+        params["ls_max_tokens"] = options.max_new_tokens
+        params["ls_temperature"] = options.temperature if options.do_sample else 0.0
+        if stop or self.stop:
+            params["ls_stop"] = self._stops(stop)
+        if self.given_runtime is not None:  # describing a model built by name must not load it
+            params["ls_prompt_format"] = self.prompt_format
+            params["ls_engine"] = self.runtime.engine.name
         return params
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -167,19 +243,42 @@ class DollyModelFields(BaseModel):
 
     def _params(self) -> dict[str, Any]:
         return {
-            "model_id": self.model_id,
+            "model_id": self.model_name,
             "prompt_format": self.prompt_format,
-            **self.engine.describe(),
+            **self.runtime.engine.describe(),
             **{name: getattr(self, name) for name in OPTION_NAMES},
+            "stop": self.stop,
         }
 
+    # -- one call's settings -----------------------------------------------------------------------------------
+
     def _sampling(self, kwargs: dict[str, Any]) -> SamplingOptions:
-        unknown = set(kwargs) - set(OPTION_NAMES)
+        """The call's :class:`SamplingOptions`: its keyword arguments over this model's fields."""
+        unknown = set(kwargs) - set(OPTION_NAMES) - set(_CALL_EXTRAS)
         if unknown:
             raise DollyTypeError(
-                f"{type(self).__name__} got unknown keyword arguments {sorted(unknown)}; known: {list(OPTION_NAMES)}"
+                f"{type(self).__name__} got unknown keyword arguments {sorted(unknown)}; known: "
+                f"{[*OPTION_NAMES, 'max_tokens', 'timeout', 'response_format']}"
             )
-        return sampling_options({name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES})
+        values = {name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES}
+        if kwargs.get("max_tokens") is not None:
+            values["max_new_tokens"] = kwargs["max_tokens"]
+        if kwargs.get("response_format") is not None:
+            from dolly_langchain.structured import grammar_of_response_format
+
+            values["grammar"] = grammar_of_response_format(kwargs["response_format"])
+        return sampling_options(values)
+
+    def _stops(self, stop: Any) -> list[str]:
+        """This model's ``stop`` sequences and the call's, checked (a string is one stop sequence)."""
+        merged = check_stop(self.stop) + check_stop(stop)
+        return list(dict.fromkeys(merged))
+
+    def _timeout(self, kwargs: dict[str, Any]) -> float | None:
+        timeout = kwargs.get("timeout", self.timeout)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise DollyValueError(f"timeout must be a number of seconds above 0, or None; got {timeout!r}")
+        return timeout
 
     def _checked(self, ids: list[int], options: SamplingOptions) -> list[int]:
         # Checked for every prompt before any is generated, so a batch fails before spending time on the others.

@@ -117,10 +117,13 @@ class DollyLLM(DollyModelFields, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        if self.streaming:
+            # streaming=True: each prompt goes through the stream, so callbacks see every token as it comes.
+            return LLMResult(generations=[[self._streamed(p, stop, run_manager, kwargs)] for p in prompts])
         options = self._sampling(kwargs)
         encoded = [self._encode(p, options) for p in prompts]
-        completions = self.runtime.generate(encoded, options, stop)
-        return LLMResult(generations=[[self._generation(c)] for c in completions])
+        completions = self.runtime.generate(encoded, options, self._stops(stop), timeout=self._timeout(kwargs))
+        return self._result(completions)
 
     async def _agenerate(
         self,
@@ -129,10 +132,25 @@ class DollyLLM(DollyModelFields, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        if self.streaming:
+            generations = []
+            for prompt in prompts:
+                final: GenerationChunk | None = None
+                async for chunk in self._astream(prompt, stop, run_manager, **kwargs):
+                    final = chunk if final is None else final + chunk
+                generations.append([final])
+            return LLMResult(generations=generations)
         options = self._sampling(kwargs)
         encoded = [self._encode(p, options) for p in prompts]
-        completions = await self.runtime.agenerate(encoded, options, stop)
-        return LLMResult(generations=[[self._generation(c)] for c in completions])
+        completions = await self.runtime.agenerate(encoded, options, self._stops(stop),
+                                                   timeout=self._timeout(kwargs))
+        return self._result(completions)
+
+    def _streamed(self, prompt: str, stop, run_manager, kwargs) -> GenerationChunk:
+        final: GenerationChunk | None = None
+        for chunk in self._stream(prompt, stop, run_manager, **kwargs):
+            final = chunk if final is None else final + chunk
+        return final
 
     def _stream(
         self,
@@ -142,12 +160,13 @@ class DollyLLM(DollyModelFields, BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         options = self._sampling(kwargs)
-        for item in self.runtime.stream(self._encode(prompt, options), options, stop):
+        items = self.runtime.stream(self._encode(prompt, options), options, self._stops(stop),
+                                    timeout=self._timeout(kwargs))
+        for item in items:
             chunk = self._chunk(item)
-            if chunk is not None:
-                if run_manager:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
     async def _astream(
         self,
@@ -157,35 +176,42 @@ class DollyLLM(DollyModelFields, BaseLLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         options = self._sampling(kwargs)
-        async for item in self.runtime.astream(self._encode(prompt, options), options, stop):
+        items = self.runtime.astream(self._encode(prompt, options), options, self._stops(stop),
+                                     timeout=self._timeout(kwargs))
+        async for item in items:
             chunk = self._chunk(item)
-            if chunk is not None:
-                if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
-    @staticmethod
-    def _generation(completion: Completion) -> Generation:
-        return Generation(text=completion.text, generation_info=_info(completion))
+    # -- results -----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _chunk(item: str | Completion) -> GenerationChunk | None:
+    def _info(self, completion: Completion) -> dict[str, Any]:
+        """``generation_info``: why the response ended, the model, token counts, and (``logprobs=True``) the
+        response's tokens with their log-probabilities (OpenAI completions' shape)."""
+        info: dict[str, Any] = {"finish_reason": completion.finish_reason, "model_name": self.model_name,
+                                "usage_metadata": completion.usage}
+        if completion.logprobs is not None:
+            info["logprobs"] = {
+                "tokens": [t["token"] for t in completion.logprobs],
+                "token_logprobs": [t["logprob"] for t in completion.logprobs],
+                "token_ids": [t["token_id"] for t in completion.logprobs],
+            }
+        return info
+
+    def _result(self, completions: list[Completion]) -> LLMResult:
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for completion in completions:
+            usage = completion.usage
+            total["prompt_tokens"] += usage["input_tokens"]
+            total["completion_tokens"] += usage["output_tokens"]
+            total["total_tokens"] += usage["total_tokens"]
+        generations = [[Generation(text=c.text, generation_info=self._info(c))] for c in completions]
+        # llm_output["token_usage"]: the totals in the shape LangChain's OpenAI LLM reports them.
+        return LLMResult(generations=generations, llm_output={"token_usage": total, "model_name": self.model_name})
+
+    def _chunk(self, item: str | Completion) -> GenerationChunk:
         if isinstance(item, str):
             return GenerationChunk(text=item)
-        info = _info(item)
-        # An empty answer still streams one (empty) chunk: LangChain refuses a stream that yields none.
-        return GenerationChunk(text="", generation_info=info) if info or not item.text else None
-
-
-def _info(completion: Completion) -> dict[str, Any] | None:
-    """``generation_info``: the response's tokens and their log-probabilities (OpenAI completions' shape)."""
-    if completion.logprobs is None:
-        return None
-    return {
-        "logprobs": {
-            "tokens": [t["token"] for t in completion.logprobs],
-            "token_logprobs": [t["logprob"] for t in completion.logprobs],
-            "token_ids": [t["token_id"] for t in completion.logprobs],
-        }
-    }
-
+        # The last chunk carries no text (it came before) but the generation_info, once.
+        return GenerationChunk(text="", generation_info=self._info(item))

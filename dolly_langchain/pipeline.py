@@ -185,7 +185,7 @@ class InstructionTextGenerationPipeline(Pipeline):
         for ids in prompts:
             self.check_window(len(ids), options.max_new_tokens)
         if extra:
-            # Other generate() arguments (repetition_penalty, ...) have no place in the scheduler's shared batches,
+            # Other generate() arguments (num_beams, ...) have no place in the scheduler's shared batches,
             # which group calls by SamplingOptions alone: such a call runs the engine directly, as Dolly's did.
             watchers = [self.codec.watcher(stops) for _ in prompts]
             generated = [o.token_ids for o in self.engine.generate(

@@ -9,7 +9,10 @@ calls share batches and never run the engine at the same time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 from dolly_langchain.codec import PromptCodec
 from dolly_langchain.engines.base import GenerationEngine
 from dolly_langchain.engines.scheduler import DEFAULT_WINDOW, BatchScheduler, Request
-from dolly_langchain.errors import DollyValueError
+from dolly_langchain.errors import DollyValueError, NotSupportedError
 from dolly_langchain.generation import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, ENGINES, SamplingOptions, check_window
 
 _DONE = object()
@@ -31,6 +34,17 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
     """``[{"token", "token_id", "logprob"}]`` for the tokens of ``text`` (``logprobs=True`` only)."""
+    prompt_tokens: int = 0
+    """Tokens the model read (the prompt in its format)."""
+    finish_reason: str = "stop"
+    """``"stop"`` (an end token or a stop sequence ended the response) or ``"length"`` (``max_new_tokens`` did)."""
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """LangChain's ``usage_metadata`` shape: ``input_tokens``, ``output_tokens``, ``total_tokens``."""
+        generated = len(self.token_ids)
+        return {"input_tokens": self.prompt_tokens, "output_tokens": generated,
+                "total_tokens": self.prompt_tokens + generated}
 
 
 class DollyRuntime:
@@ -73,6 +87,8 @@ class DollyRuntime:
 
     def _request(self, ids, options: SamplingOptions, stop, listener=None) -> Request:
         watcher = self.codec.watcher(stop)
+        if options.grammar is not None:
+            self._check_constrained(options)
 
         def on_token(token_id: int, logprob) -> bool:
             text, stopped = watcher.push(token_id)
@@ -85,56 +101,87 @@ class DollyRuntime:
             if tail and listener is not None:
                 listener(tail)
 
-        return Request(ids, options, on_token, on_finish)
+        request = Request(ids, options, on_token, on_finish)
+        request.watcher = watcher
+        return request
 
-    def _completion(self, output, stop) -> Completion:
+    def _completion(self, output, stop, request: Request | None = None) -> Completion:
         text = self.codec.decode_response(output.token_ids, stop)
         logprobs = None
         if output.logprobs is not None:
             logprobs = self.codec.response_tokens(output.token_ids, output.logprobs, stop)
-        return Completion(text=text, token_ids=list(output.token_ids), logprobs=logprobs)
+        completion = Completion(text=text, token_ids=list(output.token_ids), logprobs=logprobs)
+        if request is not None:
+            completion.prompt_tokens = len(request.prompt_ids)
+            stopped = request.watcher.text.stopped
+            if not stopped and len(output.token_ids) >= request.options.max_new_tokens:
+                completion.finish_reason = "length"
+        return completion
 
-    def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None) -> list[Completion]:
-        """Completions for encoded prompts, in order; blocks until all are done."""
+    def _check_constrained(self, options: SamplingOptions) -> None:
+        if not getattr(self.engine, "supports_grammar", False):
+            raise NotSupportedError(
+                f"the {self.engine.name} engine cannot constrain generation to a JSON schema; load the model with "
+                "engine='transformers' or engine='ctranslate2'"
+            )
+
+    def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None,
+                 timeout: float | None = None) -> list[Completion]:
+        """Completions for encoded prompts, in order; blocks until all are done.
+
+        ``timeout`` (seconds): a :class:`TimeoutError` once it has passed, and the prompts leave their batches."""
         # Longest first, so batches hold prompts of similar length and pad little; results go back in order.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         requests = {i: self._request(prompts[i], options, stop) for i in order}
         self.scheduler.submit([requests[i] for i in order])
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return [self._completion(requests[i].future.result(), stop) for i in range(len(prompts))]
+            return [self._completion(_result(requests[i].future, deadline, timeout), stop, requests[i])
+                    for i in range(len(prompts))]
         except BaseException:
             for request in requests.values():
                 request.cancel()
             raise
 
-    async def agenerate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None) -> list[Completion]:
+    async def agenerate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None,
+                        timeout: float | None = None) -> list[Completion]:
         """Like :meth:`generate`, awaiting instead of blocking; cancelling the task frees its batch slots."""
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         requests = {i: self._request(prompts[i], options, stop) for i in order}
         self.scheduler.submit([requests[i] for i in order])
         try:
-            outputs = await asyncio.gather(*(asyncio.wrap_future(requests[i].future) for i in range(len(prompts))))
-        except BaseException:  # CancelledError included
+            gathered = asyncio.gather(*(asyncio.wrap_future(requests[i].future) for i in range(len(prompts))))
+            outputs = await _within(gathered, timeout)
+        except BaseException:  # CancelledError and TimeoutError included
             for request in requests.values():
                 request.cancel()
             raise
-        return [self._completion(output, stop) for output in outputs]
+        return [self._completion(output, stop, requests[i]) for i, output in enumerate(outputs)]
 
-    def stream(self, ids: Sequence[int], options: SamplingOptions, stop=None) -> Iterator[str | Completion]:
+    def stream(self, ids: Sequence[int], options: SamplingOptions, stop=None,
+               timeout: float | None = None) -> Iterator[str | Completion]:
         """Text chunks as they are generated, then the :class:`Completion`. Closing the iterator cancels."""
         events: queue.Queue = queue.Queue()
         request = self._request(ids, options, stop, listener=events.put)
         request.future.add_done_callback(lambda _: events.put(_DONE))
         self.scheduler.submit([request])
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while (item := events.get()) is not _DONE:
+            while True:
+                try:
+                    item = events.get(timeout=_left(deadline, timeout))
+                except queue.Empty:
+                    raise _timed_out(timeout) from None
+                if item is _DONE:
+                    break
                 yield item
-            yield self._completion(request.future.result(), stop)
+            yield self._completion(request.future.result(), stop, request)
         finally:
             request.cancel()
 
-    async def astream(self, ids: Sequence[int], options: SamplingOptions, stop=None) -> AsyncIterator[str | Completion]:
-        """Async :meth:`stream`; a cancelled or abandoned stream frees its slot."""
+    async def astream(self, ids: Sequence[int], options: SamplingOptions, stop=None,
+                      timeout: float | None = None) -> AsyncIterator[str | Completion]:
+        """Async :meth:`stream`; a cancelled, abandoned or timed-out stream frees its slot."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -144,12 +191,82 @@ class DollyRuntime:
         request = self._request(ids, options, stop, listener=put)
         request.future.add_done_callback(lambda _: put(_DONE) if not loop.is_closed() else None)
         self.scheduler.submit([request])
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while (item := await events.get()) is not _DONE:
+            while (item := await _within(events.get(), _left(deadline, timeout), timeout)) is not _DONE:
                 yield item
-            yield self._completion(request.future.result(), stop)
+            yield self._completion(request.future.result(), stop, request)
         finally:
             request.cancel()
+
+
+def _result(future: concurrent.futures.Future, deadline: float | None, timeout: float | None):
+    try:
+        return future.result(timeout=_left(deadline, timeout))
+    except concurrent.futures.TimeoutError:
+        if future.done():
+            raise  # the generation itself raised a TimeoutError
+        raise _timed_out(timeout) from None
+
+
+def _left(deadline: float | None, timeout: float | None) -> float | None:
+    """Seconds left until ``deadline`` (``None``: no deadline); raises the call's TimeoutError once it passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timed_out(timeout)
+    return left
+
+
+def _timed_out(timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"the model did not finish within timeout={timeout:g} seconds; the call was cancelled "
+                        "(raise timeout=, or lower max_tokens)")
+
+
+async def _within(awaitable, seconds: float | None, timeout: float | None = None):
+    if seconds is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        raise _timed_out(timeout if timeout is not None else seconds) from None
+
+
+# -- one loaded model per (model, engine settings) in a process ------------------------------------------------------
+
+_SHARED: dict[tuple, DollyRuntime] = {}
+_SHARED_LOCK = threading.Lock()
+_KEY_LOCKS: dict[tuple, threading.Lock] = {}
+
+
+def shared_runtime(model_id: str | None = None, *, engine: str | None = None, compute_type: str = "auto",
+                   device: str | None = None) -> DollyRuntime:
+    """The process-wide runtime of a model on an engine: loaded by the first caller, shared by every later one.
+
+    ``ChatDolly(model=...)`` and ``DollyLLM(model=...)`` load through this on first use, so instances of one model
+    with the same engine settings hold one copy of the weights and one scheduler (their calls share batches).
+    Two threads asking at once load it once. :func:`clear_shared_runtimes` forgets them (tests, reloads).
+    """
+    resolved = resolve_engine(engine, model_id)
+    key = (model_id, resolved, compute_type or "auto", device)
+    with _SHARED_LOCK:
+        if key in _SHARED:
+            return _SHARED[key]
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:  # a slow load of one model does not hold up loads of others
+        if key not in _SHARED:
+            runtime = load_runtime(model_id, engine=resolved, compute_type=compute_type, device=device)
+            with _SHARED_LOCK:
+                _SHARED[key] = runtime
+        return _SHARED[key]
+
+
+def clear_shared_runtimes() -> None:
+    """Forget the runtimes :func:`shared_runtime` loaded (instances that hold one keep it)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+        _KEY_LOCKS.clear()
 
 
 def load_runtime(

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             "response": response,
             "model": llm.model_id,
             "prompt_format": llm.prompt_format,
-            **llm.engine.describe(),
+            **llm.generation_engine.describe(),
             "load_seconds": round(loaded - started, 3),
             "generate_seconds": round(time.perf_counter() - loaded, 3),
         }, ensure_ascii=False))

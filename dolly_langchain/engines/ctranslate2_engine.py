@@ -190,6 +190,9 @@ class CTranslate2Engine(GenerationEngine):
                         "sampling_temperature": options.temperature}
         else:
             sampling = {"sampling_topk": 1}
+        if options.do_sample and options.seed is not None:
+            import_ctranslate2().set_random_seed(options.seed)  # process-wide, like torch.manual_seed
+        sampling.update(repetition_penalty=options.repetition_penalty, no_repeat_ngram_size=options.no_repeat_ngram_size)
         # CTranslate2 pads a batch to its longest prompt (its own max_batch_size splitting only sorts by length
         # when a batch exceeds that size), so rows of very different prompt lengths run as separate batches.
         step_cost = STEP_COST_CPU if self._device == "cpu" else STEP_COST_CUDA

@@ -24,6 +24,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from dolly_langchain.engines.base import EngineOutput, GenerationEngine
 from dolly_langchain.generation import DEFAULT_BATCH_SIZE, SamplingOptions
@@ -56,6 +57,8 @@ class Request:
         self.tokens_seen = 0
         self.error: BaseException | None = None
         """The error this row's own ``on_token`` raised: the row stops, and only this request fails with it."""
+        self.watcher: Any = None
+        """What the caller follows the row with (the runtime's stop-string watcher); the scheduler ignores it."""
 
     def cancel(self) -> None:
         """Give up on this request: it leaves the queue, or its row stops generating at the next token."""

@@ -57,6 +57,14 @@ class TransformersEngine(GenerationEngine):
         kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample}
         if options.do_sample:
             kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+            if options.seed is not None:
+                # generate() takes no generator: the global one is seeded. Only the scheduler's worker thread runs
+                # an engine, so nothing else draws from it between the seed and the batch.
+                torch.manual_seed(options.seed)
+        if options.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = options.repetition_penalty
+        if options.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = options.no_repeat_ngram_size
         kwargs.update(extra)
         # Custom processors run before transformers' sampling warpers, so the recorder sees the model's own
         # distribution (after repetition penalties and the like), as CTranslate2 reports it.

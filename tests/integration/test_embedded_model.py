@@ -22,7 +22,7 @@ def llm(request):
 
 def test_default_engine_is_ctranslate2_int8():
     llm = DollyLLM.from_model_id(do_sample=False, max_new_tokens=24)
-    assert llm.engine.name == "ctranslate2" and llm.engine.compute_type == "int8"
+    assert llm.generation_engine.name == "ctranslate2" and llm.generation_engine.compute_type == "int8"
     assert "Paris" in llm.invoke("What is the capital of France? Answer in one sentence.")
 
 

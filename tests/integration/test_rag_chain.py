@@ -75,7 +75,7 @@ def _long_context(llm, tokens: int) -> str:
 
 
 def test_a_10k_token_context_raises_instead_of_a_warning(llm, monkeypatch):
-    monkeypatch.setattr(llm.engine, "generate", lambda *a, **k: pytest.fail("generated past the window"))
+    monkeypatch.setattr(llm.generation_engine, "generate", lambda *a, **k: pytest.fail("generated past the window"))
     assert llm.context_window == 8192
     prompt = INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction="Summarize the report.", context=_long_context(llm, 10_000))
     tokens = llm.count_prompt_tokens(prompt)

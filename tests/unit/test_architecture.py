@@ -174,8 +174,10 @@ def test_sampling_options_conversion():
     greedy = sampling_options({"do_sample": False, "temperature": 0.3, "top_p": 0.5, "max_new_tokens": 7})
     assert greedy == SamplingOptions(max_new_tokens=7)  # greedy ignores the sampling knobs, so batches are shared
     assert sampling_options({"temperature": None, "logprobs": True}).logprobs is True
+    # LangChain's temperature=0 means greedy, even where do_sample is on (Dolly's default).
+    assert sampling_options({"do_sample": True, "temperature": 0, "seed": 3}) == SamplingOptions(max_new_tokens=256)
     with pytest.raises(ValueError, match="temperature"):
-        sampling_options({"do_sample": True, "temperature": 0})
+        sampling_options({"do_sample": True, "temperature": -0.5})
 
 
 def test_no_shared_folder_in_package_code():

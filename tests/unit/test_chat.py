@@ -118,7 +118,7 @@ def test_bad_conversations_are_refused(chat):
     with pytest.raises(ValueError, match="reads text only"):
         chat.invoke([HumanMessage(content=[{"type": "image_url", "image_url": {"url": "http://x"}}])])
     with pytest.raises(TypeError, match="unknown keyword"):
-        chat.invoke(FRANCE[0], max_tokens=3)
+        chat.invoke(FRANCE[0], max_length=3)
 
 
 def test_from_llm_shares_the_model_and_scheduler(memorized_neox_dir):

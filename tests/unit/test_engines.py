@@ -33,13 +33,13 @@ def llm(request, memorized_neox_dir, ct2_cache):
 def batches(llm, monkeypatch):
     """Prompt counts of the batches the engine runs."""
     sizes = []
-    generate = llm.engine.generate
+    generate = llm.generation_engine.generate
 
     def counting(prompts, *args, **kwargs):
         sizes.append(len(prompts))
         return generate(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "generate", counting)
+    monkeypatch.setattr(llm.generation_engine, "generate", counting)
     return sizes
 
 
@@ -52,8 +52,8 @@ def test_engines_agree_token_for_token(memorized_neox_dir, ct2_cache):
     for prompt in PROMPTS:
         ids = reference.codec.encode_prompt(prompt)
         options = SamplingOptions(max_new_tokens=12, logprobs=True)
-        [a] = reference.engine.generate([ids], options, reference.codec.stop_token_ids)
-        [b] = fast.engine.generate([ids], options, fast.codec.stop_token_ids)
+        [a] = reference.generation_engine.generate([ids], options, reference.codec.stop_token_ids)
+        [b] = fast.generation_engine.generate([ids], options, fast.codec.stop_token_ids)
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
 
@@ -98,14 +98,14 @@ def test_abatch_and_batch_split_by_batch_size(llm, batches):
 
 def test_an_engine_error_reaches_only_the_call_that_caused_it(llm, monkeypatch):
     bad_ids = llm.codec.encode_prompt("Summarize")
-    generate = llm.engine.generate
+    generate = llm.generation_engine.generate
 
     def failing(prompts, *args, **kwargs):
         if any(list(p) == bad_ids for p in prompts):
             raise RuntimeError("this prompt breaks the engine (simulated)")
         return generate(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "generate", failing)
+    monkeypatch.setattr(llm.generation_engine, "generate", failing)
 
     async def run():
         return await asyncio.gather(*(llm.ainvoke(p) for p in [FRANCE[0], "Summarize", COLOR[0]]),
@@ -140,7 +140,7 @@ def test_logprobs_in_generation_info(llm):
         expected = torch.log_softmax(model(ids).logits[0, -1], -1)[info["token_ids"][0]].item()
     assert info["token_logprobs"][0] == pytest.approx(expected, abs=1e-3)
     # Off by default; streaming carries them on its last chunk.
-    assert llm.generate([FRANCE[0]]).generations[0][0].generation_info is None
+    assert "logprobs" not in llm.generate([FRANCE[0]]).generations[0][0].generation_info
     with_logprobs = DollyLLM(runtime=llm.runtime, do_sample=False, max_new_tokens=40, logprobs=True)
     chunks = list(with_logprobs._stream(FRANCE[0]))
     assert "".join(c.text for c in chunks) == FRANCE[2]
@@ -297,7 +297,7 @@ def test_ctranslate2_rows_of_very_different_lengths_run_apart_and_come_back_in_o
     pytest.importorskip("ctranslate2")
     fast = DollyLLM.from_model_id(str(memorized_neox_dir), engine="ctranslate2", compute_type="float32",
                                   do_sample=False, max_new_tokens=8)
-    codec, engine = fast.codec, fast.engine
+    codec, engine = fast.codec, fast.generation_engine
     long_prompt = codec.encode_prompt(" ".join([CONTEXT_PROMPT] * 12))
     prompts = [codec.encode_prompt(FRANCE[0]), long_prompt, codec.encode_prompt(COLOR[0])]
     options = SamplingOptions(max_new_tokens=8)

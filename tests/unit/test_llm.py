@@ -33,13 +33,13 @@ def llm(request, memorized_neox_dir, ct2_cache):
 def count_batches(llm, monkeypatch):
     """Sizes of the batches the engine is given."""
     calls = []
-    generate = llm.engine.generate
+    generate = llm.generation_engine.generate
 
     def counting_generate(prompts, *args, **kwargs):
         calls.append(len(prompts))
         return generate(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "generate", counting_generate)
+    monkeypatch.setattr(llm.generation_engine, "generate", counting_generate)
     return calls
 
 
@@ -88,7 +88,7 @@ def test_stream_reraises_errors_from_the_generation_thread(llm, monkeypatch):
         on_token(0, 5, None)  # a token arrives, then the engine fails
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(llm.engine, "generate", broken_generate)
+    monkeypatch.setattr(llm.generation_engine, "generate", broken_generate)
     with pytest.raises(RuntimeError, match="simulated"):
         list(llm.stream(FRANCE[0]))
     with pytest.raises(RuntimeError, match="simulated"):
@@ -120,13 +120,13 @@ def test_bad_input_is_refused(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.invoke("  \n ")
     with pytest.raises(TypeError, match="unknown keyword"):
-        llm.invoke(FRANCE[0], max_tokens=5)
+        llm.invoke(FRANCE[0], max_length=5)
     with pytest.raises(ValidationError):
-        DollyLLM(pipeline=llm.pipeline, max_tokens=5)
+        DollyLLM(pipeline=llm.pipeline, max_length=5)
     with pytest.raises(ValidationError, match="InstructionTextGenerationPipeline"):
-        DollyLLM()
+        DollyLLM(pipeline="not a pipeline")
     with pytest.raises(TypeError, match="unknown options"):
-        DollyLLM.from_model_id("unused", max_tokens=5)
+        DollyLLM.from_model_id("unused", max_length=5)
 
 
 def test_per_call_options_override_fields(llm):
@@ -138,13 +138,13 @@ def test_identifying_and_tracing_params(llm, memorized_neox_dir):
     params = llm._identifying_params
     assert params["model_id"] == str(memorized_neox_dir) and params["prompt_format"] == "dolly"
     assert params["max_new_tokens"] == 40 and params["do_sample"] is False
-    assert params["engine"] == llm.engine.name
+    assert params["engine"] == llm.generation_engine.name
     ls = llm._get_ls_params(stop=["x"])
     assert ls["ls_model_name"] == str(memorized_neox_dir) and ls["ls_prompt_format"] == "dolly"
     assert ls["ls_stop"] == ["x"] and ls["ls_model_type"] == "llm" and ls["ls_max_tokens"] == 40
-    assert ls["ls_engine"] == llm.engine.name
+    assert ls["ls_engine"] == llm.generation_engine.name
     assert llm.tokenizer is not None and llm.context_window == 512
-    if llm.engine.name == "transformers":
+    if llm.generation_engine.name == "transformers":
         assert llm.pipeline.model is not None and llm.pipeline.tokenizer is llm.tokenizer
     else:
         assert llm.pipeline is None and params["compute_type"] == "float32"
@@ -232,7 +232,7 @@ def test_count_prompt_tokens_counts_the_prompt_the_model_reads(llm, dolly_tokeni
         prompt = f"{instruction}\n\nInput:\n{context}" if context else instruction
         assert llm.count_prompt_tokens(prompt) == len(dolly_tokenizer(format_prompt(instruction, context))["input_ids"])
         assert llm.count_prompt_tokens(prompt) > llm.get_num_tokens(prompt)  # the format adds its own tokens
-    assert llm.context_window == WINDOW == llm.engine.context_window
+    assert llm.context_window == WINDOW == llm.generation_engine.context_window
 
 
 def _over_window_prompt(llm, max_new_tokens=40):
@@ -257,13 +257,13 @@ def _window_error(tokens, max_new_tokens=40):
 def count_generate(llm, monkeypatch):
     """Shapes (rows, longest prompt) of what the engine is asked to generate."""
     calls = []
-    generate = llm.engine.generate
+    generate = llm.generation_engine.generate
 
     def counting_generate(prompts, *args, **kwargs):
         calls.append((len(prompts), max(len(p) for p in prompts)))
         return generate(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "generate", counting_generate)
+    monkeypatch.setattr(llm.generation_engine, "generate", counting_generate)
     return calls
 
 
