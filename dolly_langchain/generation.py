@@ -87,7 +87,8 @@ class SamplingOptions:
     """Never generate an n-gram of this many tokens twice; 0 is off."""
     seed: int | None = None
     """Seeds the sampler before the batch runs, for reproducible sampling (``None``: not seeded). Greedy decoding
-    ignores it. A seeded call is reproducible when it runs alone or with the same calls in its batch."""
+    ignores it. A seeded call is reproducible when it runs alone or with the same calls in its batch; the
+    transformers engine honours it, CTranslate2 cannot (a clear error)."""
     logprobs: bool = False
     """Report each generated token's log-probability (log-softmax of the model's logits before sampling)."""
     grammar: Any = None

@@ -89,6 +89,11 @@ class DollyRuntime:
         watcher = self.codec.watcher(stop)
         if options.grammar is not None:
             self._check_constrained(options)
+        if options.seed is not None and not self.engine.supports_seed:
+            raise NotSupportedError(
+                f"seed= cannot be honoured by the {self.engine.name} engine: it seeds its sampler once per thread, not "
+                "per call. Use engine='transformers' for seeded sampling, or temperature=0 for reproducible answers."
+            )
 
         def on_token(token_id: int, logprob) -> bool:
             text, stopped = watcher.push(token_id)
@@ -119,7 +124,7 @@ class DollyRuntime:
         return completion
 
     def _check_constrained(self, options: SamplingOptions) -> None:
-        if not getattr(self.engine, "supports_grammar", False):
+        if not self.engine.supports_grammar:
             raise NotSupportedError(
                 f"the {self.engine.name} engine cannot constrain generation to a JSON schema; load the model with "
                 "engine='transformers' or engine='ctranslate2'"

@@ -36,6 +36,10 @@ class GenerationEngine(ABC):
 
     #: ``"transformers"`` or ``"ctranslate2"``.
     name: str = ""
+    #: Whether a call's ``SamplingOptions.seed`` makes its sampling reproducible on this engine.
+    supports_seed: bool = True
+    #: Whether the engine can constrain generation with ``SamplingOptions.grammar`` (structured output).
+    supports_grammar: bool = False
 
     @property
     @abstractmethod

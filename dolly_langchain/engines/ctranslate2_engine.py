@@ -110,6 +110,9 @@ class CTranslate2Engine(GenerationEngine):
     """Generates with a CTranslate2 model directory (see :func:`~dolly_langchain.engines.conversion.convert_to_ctranslate2`)."""
 
     name = "ctranslate2"
+    # CTranslate2 seeds each worker thread's sampler once, when the thread first samples
+    # (ctranslate2.set_random_seed has no effect afterwards), so a call cannot be seeded.
+    supports_seed = False
 
     def __init__(
         self,
@@ -190,8 +193,6 @@ class CTranslate2Engine(GenerationEngine):
                         "sampling_temperature": options.temperature}
         else:
             sampling = {"sampling_topk": 1}
-        if options.do_sample and options.seed is not None:
-            import_ctranslate2().set_random_seed(options.seed)  # process-wide, like torch.manual_seed
         sampling.update(repetition_penalty=options.repetition_penalty, no_repeat_ngram_size=options.no_repeat_ngram_size)
         # CTranslate2 pads a batch to its longest prompt (its own max_batch_size splitting only sorts by length
         # when a batch exceeds that size), so rows of very different prompt lengths run as separate batches.
