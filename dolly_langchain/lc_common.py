@@ -219,7 +219,9 @@ class DollyModelFields(BaseModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)  # BaseLLM's or BaseChatModel's, next in the MRO
         params["ls_provider"] = "dolly_langchain"
-        params["ls_model_name"] = self.model_name
+        # A per-call model= is refused when the call runs (one loaded model per instance), but traces honour it.
+        model = kwargs.get("model")
+        params["ls_model_name"] = model if isinstance(model, str) else self.model_name
         options = self._sampling({k: v for k, v in kwargs.items() if k in OPTION_NAMES or k == "max_tokens"})
         params["ls_max_tokens"] = options.max_new_tokens
         params["ls_temperature"] = options.temperature if options.do_sample else 0.0

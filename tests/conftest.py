@@ -194,6 +194,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
         elif "integration" in parts:
             item.add_marker(pytest.mark.integration)
+        elif "standard" in parts:  # LangChain's suites: the unit ones load nothing, the integration ones real models
+            item.add_marker(pytest.mark.unit if "unit" in Path(str(item.fspath)).name else pytest.mark.integration)
 
 
 __all__ = ["MEMORIZED", "format_prompt", "memorize", "tiny_gptj", "tiny_neox"]
