@@ -23,6 +23,7 @@ Streaming, ``stop``, batching (``batch``/``abatch`` and concurrent calls share e
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -37,6 +38,8 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
 )
+from langchain_core.exceptions import OutputParserException
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel, ConfigDict
@@ -79,8 +82,9 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         self,
         schema: dict | type,
         *,
-        method: Literal["json_schema", "json_mode"] = "json_schema",
+        method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
         include_raw: bool = False,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable:
         """A runnable that answers with a parsed object: an instance of a pydantic ``schema``, else a dict.
@@ -88,34 +92,39 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         ``schema``: a pydantic model class, a ``TypedDict`` class or a JSON-schema dict. ``method="json_schema"``
         constrains decoding to the schema (:mod:`dolly_langchain.structured`): every token is checked against a
         grammar compiled from it, so the output always parses and validates (within ``max_tokens``: a response
-        cut by the token limit is an incomplete JSON value and fails to parse). ``method="json_mode"`` constrains
-        to any JSON object; describe the fields in the prompt. ``include_raw=True`` returns
+        cut by the token limit is an incomplete JSON value and fails to parse). ``method="json_mode"`` without a
+        schema constrains to any JSON object (describe the fields in the prompt); with one, it enforces it too. ``include_raw=True`` returns
         ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`` instead of raising on a parse error.
-        There is no ``"function_calling"`` method: these models have no tool calling.
+        ``strict`` is accepted for LangChain's signature; constrained decoding is always strict.
+        ``method="function_calling"`` (many models' default) is read as ``"json_schema"``: there is no tool calling,
+        and the constrained decoding gives what a tool call's arguments would.
         """
-        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
         from langchain_core.runnables import RunnableMap, RunnablePassthrough
 
         from dolly_langchain.structured import JsonGrammar
 
         if kwargs:
             raise DollyTypeError(f"with_structured_output() got unknown arguments {sorted(kwargs)}")
-        if method == "json_schema":
-            if schema is None:
+        if method not in ("json_schema", "json_mode", "function_calling"):
+            raise DollyValueError(f"method must be 'json_schema', 'json_mode' or 'function_calling', got {method!r}")
+        if method == "function_calling":
+            # There is no tool calling to route through; the schema-constrained decoding gives what a tool call's
+            # arguments would (an object valid under the schema), so the common default of other models works too.
+            method = "json_schema"
+        if schema is None:
+            if method == "json_schema":
                 raise DollyValueError("method='json_schema' needs a schema; use method='json_mode' for any JSON")
-            grammar = JsonGrammar.from_schema(schema)
-        elif method == "json_mode":
             grammar = JsonGrammar.json_mode()
         else:
-            raise DollyValueError(
-                f"method must be 'json_schema' or 'json_mode', got {method!r} (ChatDolly has no tool calling)"
-            )
+            # json_mode with a schema enforces the schema too: a hosted JSON mode only promises JSON, but when the
+            # decoder is ours there is no reason to let a small model drop a required field.
+            grammar = JsonGrammar.from_schema(schema)
         llm = self.bind(
             response_format=grammar,
-            ls_structured_output_format={"kwargs": {"method": method}, "schema": grammar.schema},
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": _traced_schema(schema, grammar)},
         )
         is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
-        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        parser = _strict_parser(schema if is_pydantic else None)
         if not include_raw:
             return llm | parser
         parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -212,6 +221,57 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         return ChatGenerationChunk(message=AIMessageChunk(
             content="", response_metadata=self._metadata(item), usage_metadata=item.usage, chunk_position="last",
         ))
+
+
+class _StrictFinalParse:
+    """Makes LangChain's JSON (or pydantic) output parser strict about the final result.
+
+    LangChain's JSON parser completes a cut-off value (``{"name": "Al`` becomes ``{"name": "Al"}``), which suits the
+    partial results of a stream but would hand back a truncated object as the answer. Here the final parse refuses
+    a response that ``max_tokens`` cut (``finish_reason == "length"``) or that is not complete JSON, naming the fix;
+    streamed partial results stay as LangChain makes them.
+    """
+
+    def parse_result(self, result, *, partial: bool = False):
+        if not partial:
+            text = result[0].text
+            message = getattr(result[0], "message", None)
+            if message is not None and message.response_metadata.get("finish_reason") == "length":
+                raise OutputParserException(
+                    "the response was cut by max_tokens before its JSON value was complete; raise max_tokens",
+                    llm_output=text,
+                )
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as err:
+                raise OutputParserException(f"the response is not complete JSON ({err})", llm_output=text) from None
+        return super().parse_result(result, partial=partial)
+
+
+class _StrictJsonOutputParser(_StrictFinalParse, JsonOutputParser):
+    pass
+
+
+class _StrictPydanticOutputParser(_StrictFinalParse, PydanticOutputParser):
+    pass
+
+
+def _strict_parser(pydantic_class: type | None):
+    if pydantic_class is None:
+        return _StrictJsonOutputParser()
+    return _StrictPydanticOutputParser(pydantic_object=pydantic_class)
+
+
+def _traced_schema(schema: Any, grammar) -> dict | None:
+    """The schema as LangChain traces it (``convert_to_json_schema``, which wants a titled dict), else as given."""
+    from langchain_core.utils.function_calling import convert_to_json_schema
+
+    if schema is None:
+        return None
+    try:
+        return convert_to_json_schema(schema)
+    except ValueError:  # an untitled JSON-schema dict: LangChain cannot name it, the grammar's schema is the same
+        return grammar.schema
 
 
 def _roles(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:

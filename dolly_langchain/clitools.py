@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dolly_langchain.errors import EXIT_USAGE, DollyError  # noqa: F401  (EXIT_USAGE: importable from here as before)
 from dolly_langchain.generation import (
+    ANSWER_DEFAULTS,
     COMPUTE_TYPE_CHOICES,
     DEFAULT_GENERATION,
     DEVICES,
@@ -144,7 +145,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--max-new-tokens``, ``--temperature``, ``--engine``, ``--compute-type``, ``--device``."""
+    """``--model``, ``--max-new-tokens``, ``--temperature``, ``--repetition-penalty``, ``--no-repeat-ngram-size``,
+    ``--engine``, ``--compute-type``, ``--device``."""
     parser.add_argument(
         "--model", metavar="ID_OR_PATH", default=None,
         help=f"hub id or local model directory (default: the embedded {EMBEDDED_MODEL_NAME})",
@@ -156,6 +158,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=non_negative_float, default=0.0, metavar="T",
         help=f"0 (default) decodes greedily and reproducibly; above 0 samples with Dolly's "
         f"top_p={DEFAULT_GENERATION['top_p']}",
+    )
+    penalty, ngram = ANSWER_DEFAULTS["repetition_penalty"], ANSWER_DEFAULTS["no_repeat_ngram_size"]
+    parser.add_argument(
+        "--repetition-penalty", type=positive_float, default=penalty, metavar="P",
+        help=f"above 1 discourages repeating what is already there (default {penalty:g}, chosen by "
+        "benchmarks/answers.py: greedy answers loop without it); 1 turns it off",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size", type=non_negative_int, default=ngram, metavar="N",
+        help=f"never repeat a run of N tokens (default {ngram}; 0 turns it off)",
     )
     parser.add_argument(
         "--engine", choices=ENGINE_CHOICES, default="auto",
@@ -172,14 +184,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_llm(args: argparse.Namespace, *, chat: bool = False):
     """The ``DollyLLM`` (``ChatDolly`` with ``chat=True``) that ``--model``, ``--engine``, ``--compute-type``,
-    ``--device``, ``--max-new-tokens`` and ``--temperature`` ask for."""
+    ``--device``, ``--max-new-tokens``, ``--temperature``, ``--repetition-penalty`` and ``--no-repeat-ngram-size``
+    ask for."""
     if chat:
         from dolly_langchain.chat import ChatDolly as model_class
     else:
         from dolly_langchain.llm import DollyLLM as model_class
 
     check_device(args)
-    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
+               "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
     if args.temperature > 0:
         options["temperature"] = args.temperature
     print(f"dolly: loading {args.model or f'the embedded {EMBEDDED_MODEL_NAME}'} ...", file=sys.stderr, flush=True)

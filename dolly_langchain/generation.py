@@ -28,6 +28,7 @@ from dolly_langchain.errors import DollyValueError
 from dolly_langchain.models import EMBEDDED_MODEL_NAME
 
 __all__ = [
+    "ANSWER_DEFAULTS",
     "COMPUTE_TYPES",
     "COMPUTE_TYPE_CHOICES",
     "ContextWindowError",
@@ -64,6 +65,12 @@ DEFAULT_BATCH_SIZE = 16
 
 #: How the embedded default model is named in results, ``--json`` output and ``ls_model_name``.
 EMBEDDED_MODEL_LABEL = f"{EMBEDDED_MODEL_NAME} (embedded)"
+
+#: Decoding that keeps a small model's answers from looping, chosen by ``benchmarks/answers.py`` (loop rate, ROUGE-L
+#: and closed_qa token F1 on seeded dolly-15k records; see the README): the defaults of ``dolly ask``, ``dolly chat``,
+#: ``dolly rag ask`` and of the embedded model in ``DollyLLM``/``ChatDolly``. Other models default to neither (their
+#: own behaviour, as in transformers). ``--repetition-penalty 1 --no-repeat-ngram-size 0`` turns both off.
+ANSWER_DEFAULTS = {"repetition_penalty": 1.2, "no_repeat_ngram_size": 0}
 
 #: The per-call generation options of ``DollyLLM``/``ChatDolly`` (fields of the same names set their defaults).
 OPTION_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",

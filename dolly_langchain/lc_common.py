@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dolly_langchain.codec import check_stop
 from dolly_langchain.errors import DollyTypeError, DollyValueError
 from dolly_langchain.generation import (
+    ANSWER_DEFAULTS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_GENERATION,
     EMBEDDED_MODEL_LABEL,
@@ -65,10 +66,12 @@ class DollyModelFields(BaseModel):
     """Nucleus sampling mass (Dolly's default: 0.92); ignored when decoding greedily."""
     top_k: int = DEFAULT_GENERATION["top_k"]
     """Top-k sampling cut-off, 0 for none (Dolly's default); ignored when decoding greedily."""
-    repetition_penalty: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    """Above 1 discourages tokens already in the prompt or response (1: off); works greedy and sampling."""
-    no_repeat_ngram_size: int = Field(default=0, ge=0)
-    """Never repeat an n-gram of this many tokens (0: off)."""
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Above 1 discourages tokens already in the prompt or response (1: off); works greedy and sampling.
+    ``None``: :data:`~dolly_langchain.generation.ANSWER_DEFAULTS` for the embedded model (it loops without), off for
+    others."""
+    no_repeat_ngram_size: int | None = Field(default=None, ge=0)
+    """Never repeat an n-gram of this many tokens (0: off). ``None``: as ``repetition_penalty``."""
     seed: int | None = None
     """Seed for reproducible sampling (greedy decoding needs none)."""
     logprobs: bool = False
@@ -108,14 +111,16 @@ class DollyModelFields(BaseModel):
         self._use_runtime(self.given_runtime)
         return self
 
-    def _use_runtime(self, runtime) -> None:
+    def _use_runtime(self, runtime, loaded_by_name: bool = False) -> None:
         if not isinstance(runtime, DollyRuntime):
             raise DollyValueError("runtime must be a dolly_langchain.runtime.DollyRuntime")
         if "batch_size" in self.model_fields_set or self.given_runtime is None:
             runtime.scheduler.batch_size = self.batch_size
         self.given_runtime = runtime
         self.engine = runtime.engine.name
-        if self.model_id is None and runtime.engine.name == "transformers":
+        if self.model_id is None and loaded_by_name:
+            self.model_id = EMBEDDED_MODEL_LABEL  # built with no model: the embedded one
+        elif self.model_id is None and runtime.engine.name == "transformers":
             self.model_id = runtime.engine.model.name_or_path or None
 
     @property
@@ -126,8 +131,15 @@ class DollyModelFields(BaseModel):
             model_id = None if self.model_id == EMBEDDED_MODEL_LABEL else self.model_id
             runtime = shared_runtime(model_id, engine=self.engine, compute_type=self.compute_type, device=self.device)
             if self.given_runtime is None:  # another thread may have got here first: same runtime either way
-                self._use_runtime(runtime)
+                self._use_runtime(runtime, loaded_by_name=True)
         return self.given_runtime
+
+    @property
+    def is_embedded(self) -> bool:
+        """Whether this is the embedded SmolLM2-135M-Instruct (built with no model, or ``from_model_id()``)."""
+        return self.model_id in (None, EMBEDDED_MODEL_LABEL) and (
+            self.given_runtime is None or self.model_id == EMBEDDED_MODEL_LABEL
+        )
 
     @property
     def model_name(self) -> str:
@@ -263,6 +275,10 @@ class DollyModelFields(BaseModel):
                 f"{[*OPTION_NAMES, 'max_tokens', 'timeout', 'response_format']}"
             )
         values = {name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES}
+        if self.is_embedded:
+            for name, value in ANSWER_DEFAULTS.items():
+                if values[name] is None:
+                    values[name] = value
         if kwargs.get("max_tokens") is not None:
             values["max_new_tokens"] = kwargs["max_tokens"]
         if kwargs.get("response_format") is not None:
@@ -286,3 +302,4 @@ class DollyModelFields(BaseModel):
         # Checked for every prompt before any is generated, so a batch fails before spending time on the others.
         self.runtime.check_window(len(ids), options.max_new_tokens)
         return ids
+

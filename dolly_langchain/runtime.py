@@ -55,6 +55,8 @@ class DollyRuntime:
         self.codec = codec
         self.engine = engine
         self.scheduler = BatchScheduler(engine, codec.stop_token_ids, batch_size=batch_size, window=window)
+        self._grammar_scheduler: BatchScheduler | None = None
+        self._grammar_lock = threading.Lock()
 
     @classmethod
     def for_transformers(cls, model, tokenizer, prompt_format: str | None = None, **kwargs: Any) -> DollyRuntime:
@@ -87,8 +89,9 @@ class DollyRuntime:
 
     def _request(self, ids, options: SamplingOptions, stop, listener=None) -> Request:
         watcher = self.codec.watcher(stop)
+        constraint = None
         if options.grammar is not None:
-            self._check_constrained(options)
+            constraint = self._constraint_factory(options.grammar)()
         if options.seed is not None and not self.engine.supports_seed:
             raise NotSupportedError(
                 f"seed= cannot be honoured by the {self.engine.name} engine: it seeds its sampler once per thread, not "
@@ -108,7 +111,14 @@ class DollyRuntime:
 
         request = Request(ids, options, on_token, on_finish)
         request.watcher = watcher
+        request.constraint = constraint
         return request
+
+    def _submit(self, requests: list[Request]) -> None:
+        if requests and requests[0].options.grammar is not None:
+            self.grammar_scheduler().submit(requests)
+        else:
+            self.scheduler.submit(requests)
 
     def _completion(self, output, stop, request: Request | None = None) -> Completion:
         text = self.codec.decode_response(output.token_ids, stop)
@@ -123,12 +133,47 @@ class DollyRuntime:
                 completion.finish_reason = "length"
         return completion
 
-    def _check_constrained(self, options: SamplingOptions) -> None:
-        if not self.engine.supports_grammar:
+    # -- structured output ---------------------------------------------------------------------------------------
+
+    def grammar_scheduler(self) -> BatchScheduler:
+        """Where calls with a grammar (structured output) run: this runtime's own scheduler when its engine can
+        mask logits, else a transformers engine over the same checkpoint, loaded on the first such call.
+
+        CTranslate2's Python API cannot change logits while it generates (CTranslate2 issue #1469), so on that
+        engine constrained calls run on transformers: exact, at transformers' speed (measured in
+        ``benchmarks/structured.py``), with the weights loaded a second time (float32: 540 MB for the embedded
+        model); unconstrained calls stay on CTranslate2.
+        """
+        if self.engine.supports_grammar:
+            return self.scheduler
+        with self._grammar_lock:
+            if self._grammar_scheduler is None:
+                engine = self._grammar_engine()
+                self._grammar_scheduler = BatchScheduler(engine, self.codec.stop_token_ids,
+                                                         batch_size=self.scheduler.batch_size)
+        return self._grammar_scheduler
+
+    def _grammar_engine(self) -> GenerationEngine:
+        source = getattr(self.engine, "source_checkpoint", None)
+        if source is None:
             raise NotSupportedError(
-                f"the {self.engine.name} engine cannot constrain generation to a JSON schema; load the model with "
-                "engine='transformers' or engine='ctranslate2'"
+                f"the {self.engine.name} engine cannot constrain generation to a JSON schema and knows no checkpoint "
+                "to run constrained calls on; load the model with engine='transformers' for structured output"
             )
+        from dolly_langchain.engines.transformers_engine import TransformersEngine
+        from dolly_langchain.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(source)
+        if self.engine.device != "cpu":
+            model.to(self.engine.device)
+        return TransformersEngine(model, tokenizer.pad_token_id)
+
+    def _constraint_factory(self, grammar):
+        from dolly_langchain.structured import constraint_factory
+
+        engine = self.grammar_scheduler().engine
+        width = engine.logits_width or len(self.codec.tokenizer)
+        return constraint_factory(grammar, self.codec.tokenizer, width, self.codec.stop_token_ids)
 
     def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None,
                  timeout: float | None = None) -> list[Completion]:
@@ -138,7 +183,7 @@ class DollyRuntime:
         # Longest first, so batches hold prompts of similar length and pad little; results go back in order.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         requests = {i: self._request(prompts[i], options, stop) for i in order}
-        self.scheduler.submit([requests[i] for i in order])
+        self._submit([requests[i] for i in order])
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             return [self._completion(_result(requests[i].future, deadline, timeout), stop, requests[i])
@@ -153,7 +198,7 @@ class DollyRuntime:
         """Like :meth:`generate`, awaiting instead of blocking; cancelling the task frees its batch slots."""
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         requests = {i: self._request(prompts[i], options, stop) for i in order}
-        self.scheduler.submit([requests[i] for i in order])
+        self._submit([requests[i] for i in order])
         try:
             gathered = asyncio.gather(*(asyncio.wrap_future(requests[i].future) for i in range(len(prompts))))
             outputs = await _within(gathered, timeout)
@@ -169,7 +214,7 @@ class DollyRuntime:
         events: queue.Queue = queue.Queue()
         request = self._request(ids, options, stop, listener=events.put)
         request.future.add_done_callback(lambda _: events.put(_DONE))
-        self.scheduler.submit([request])
+        self._submit([request])
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
@@ -195,7 +240,7 @@ class DollyRuntime:
 
         request = self._request(ids, options, stop, listener=put)
         request.future.add_done_callback(lambda _: put(_DONE) if not loop.is_closed() else None)
-        self.scheduler.submit([request])
+        self._submit([request])
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while (item := await _within(events.get(), _left(deadline, timeout), timeout)) is not _DONE:

@@ -59,7 +59,17 @@ class GenerationEngine(ABC):
         stop_token_ids: Sequence[int],
         on_token: TokenCallback | None = None,
     ) -> list[EngineOutput]:
-        """Generate for every prompt in one batch; blocks until every row has ended."""
+        """Generate for every prompt in one batch; blocks until every row has ended.
+
+        An engine with :attr:`supports_grammar` also takes ``constraints=``: one
+        :class:`~dolly_langchain.structured.RowConstraint` per row, whose allowed tokens are the only ones it may
+        pick (the scheduler passes it only for calls with ``options.grammar``)."""
+
+    @property
+    def logits_width(self) -> int | None:
+        """How many token scores the model produces per step (its embedding size, which may exceed the tokenizer's
+        vocabulary); what a grammar mask must cover. ``None`` where unknown."""
+        return None
 
     def describe(self) -> dict:
         """What tracing and ``--json`` output report about the engine."""

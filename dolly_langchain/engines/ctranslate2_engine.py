@@ -162,6 +162,13 @@ class CTranslate2Engine(GenerationEngine):
         return self._device
 
     @property
+    def source_checkpoint(self) -> str | None:
+        """The transformers checkpoint (hub id or directory) this conversion was made from, per its record."""
+        from dolly_langchain.engines.conversion import read_conversion_record
+
+        return (read_conversion_record(self.model_dir) or {}).get("source")
+
+    @property
     def context_window(self) -> int | None:
         return self._context_window
 

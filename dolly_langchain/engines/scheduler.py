@@ -59,6 +59,8 @@ class Request:
         """The error this row's own ``on_token`` raised: the row stops, and only this request fails with it."""
         self.watcher: Any = None
         """What the caller follows the row with (the runtime's stop-string watcher); the scheduler ignores it."""
+        self.constraint: Any = None
+        """This row's :class:`~dolly_langchain.structured.RowConstraint` when ``options.grammar`` is set."""
 
     def cancel(self) -> None:
         """Give up on this request: it leaves the queue, or its row stops generating at the next token."""
@@ -182,9 +184,13 @@ class BatchScheduler:
 
     def _generate(self, batch: list[Request]) -> list[EngineOutput]:
         self.batches_run += 1
+        extra = {}
+        if batch[0].options.grammar is not None:  # structured output: each row's own grammar state
+            extra["constraints"] = [r.constraint for r in batch]
         return self.engine.generate(
             [r.prompt_ids for r in batch],
             batch[0].options,
             self.stop_token_ids,
             lambda row, token, logprob: batch[row].accept(token, logprob),
+            **extra,
         )

@@ -21,10 +21,15 @@ class TransformersEngine(GenerationEngine):
     """
 
     name = "transformers"
+    supports_grammar = True
 
     def __init__(self, model, pad_token_id: int):
         self.model = model
         self.pad_token_id = pad_token_id
+
+    @property
+    def logits_width(self) -> int | None:
+        return self.model.get_output_embeddings().weight.shape[0]
 
     @property
     def device(self) -> str:
@@ -45,6 +50,7 @@ class TransformersEngine(GenerationEngine):
         options: SamplingOptions,
         stop_token_ids: Sequence[int],
         on_token: TokenCallback | None = None,
+        constraints: Sequence[Any] | None = None,
         **extra: Any,
     ) -> list[EngineOutput]:
         if not prompts:
@@ -68,9 +74,15 @@ class TransformersEngine(GenerationEngine):
         kwargs.update(extra)
         # Custom processors run before transformers' sampling warpers, so the recorder sees the model's own
         # distribution (after repetition penalties and the like), as CTranslate2 reports it.
+        processors = list(kwargs.get("logits_processor", []))
         if recorder is not None:
-            kwargs["logits_processor"] = [recorder, *kwargs.get("logits_processor", [])]
-        kwargs["stopping_criteria"] = [_Rows(tracker, recorder), *kwargs.get("stopping_criteria", [])]
+            processors.insert(0, recorder)
+        if constraints is not None:
+            # First of all, so the recorded log-probabilities and the sampling warpers see only allowed tokens.
+            processors.insert(0, _GrammarMask(constraints, tracker))
+        if processors:
+            kwargs["logits_processor"] = processors
+        kwargs["stopping_criteria"] = [_Rows(tracker, recorder, constraints), *kwargs.get("stopping_criteria", [])]
         device = self.model.device
         with torch.inference_mode():
             self.model.generate(
@@ -93,16 +105,35 @@ class _LogprobRecorder(LogitsProcessor):
         return scores
 
 
-class _Rows(StoppingCriteria):
-    """Hands each step's new token per row to the tracker; rows it reports ended stop in transformers too."""
+class _GrammarMask(LogitsProcessor):
+    """Structured output: every row still generating may pick only the tokens its grammar allows next."""
 
-    def __init__(self, tracker: RowTracker, recorder: _LogprobRecorder | None):
-        self.tracker, self.recorder = tracker, recorder
+    def __init__(self, constraints: Sequence[Any], tracker: RowTracker):
+        self.constraints, self.tracker = constraints, tracker
+
+    def __call__(self, input_ids, scores):
+        for row, constraint in enumerate(self.constraints):
+            if not self.tracker.done[row]:
+                allowed = torch.from_numpy(constraint.allowed_mask()).to(scores.device)
+                width = min(scores.shape[-1], allowed.shape[0])
+                scores[row, :width].masked_fill_(~allowed[:width], float("-inf"))
+                scores[row, width:] = float("-inf")
+        return scores
+
+
+class _Rows(StoppingCriteria):
+    """Hands each step's new token per row to the tracker (and the row's grammar); rows it reports ended stop in
+    transformers too."""
+
+    def __init__(self, tracker: RowTracker, recorder: _LogprobRecorder | None, constraints: Sequence[Any] | None):
+        self.tracker, self.recorder, self.constraints = tracker, recorder, constraints
 
     def __call__(self, input_ids, scores, **kwargs):
         new = input_ids[:, -1].tolist()
         for row, token in enumerate(new):
             if not self.tracker.done[row]:
+                if self.constraints is not None and token not in self.tracker.stop_ids:
+                    self.constraints[row].accept(token)
                 logprob = float(self.recorder.last[row, token]) if self.recorder is not None else None
                 self.tracker.add(row, token, logprob)
         return torch.tensor(self.tracker.done, dtype=torch.bool, device=input_ids.device)
