@@ -42,7 +42,7 @@ from langchain_core.exceptions import OutputParserException
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from dolly_langchain.errors import DollyTypeError, DollyValueError, NotSupportedError
 from dolly_langchain.generation import OPTION_NAMES
@@ -101,7 +101,7 @@ class ChatDolly(DollyModelFields, BaseChatModel):
         """
         from langchain_core.runnables import RunnableMap, RunnablePassthrough
 
-        from dolly_langchain.structured import JsonGrammar
+        from dolly_langchain.structured import JsonGrammar, is_pydantic_model
 
         if kwargs:
             raise DollyTypeError(f"with_structured_output() got unknown arguments {sorted(kwargs)}")
@@ -123,8 +123,7 @@ class ChatDolly(DollyModelFields, BaseChatModel):
             response_format=grammar,
             ls_structured_output_format={"kwargs": {"method": method}, "schema": _traced_schema(schema, grammar)},
         )
-        is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
-        parser = _strict_parser(schema if is_pydantic else None)
+        parser = _strict_parser(schema if is_pydantic_model(schema) else None)
         if not include_raw:
             return llm | parser
         parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)

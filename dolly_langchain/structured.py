@@ -68,8 +68,8 @@ from dolly_langchain.errors import DollyValueError, MissingDependencyError
 if TYPE_CHECKING:
     import numpy
 
-__all__ = ["JsonGrammar", "RowConstraint", "constraint_factory", "grammar_of_response_format", "json_schema_of",
-           "parse_output"]
+__all__ = ["JsonGrammar", "RowConstraint", "constraint_factory", "grammar_of_response_format", "is_pydantic_model",
+           "json_schema_of", "parse_output"]
 
 INSTALL_HINT = "pip install 'llguidance>=1.9,<2'"
 
@@ -88,7 +88,8 @@ _ANY_OBJECT = {"type": "object"}
 
 
 def json_schema_of(schema: Any) -> dict[str, Any]:
-    """The JSON schema of a pydantic ``BaseModel`` subclass, a ``TypedDict`` class, or a JSON-schema dict.
+    """The JSON schema of a pydantic ``BaseModel`` subclass (pydantic 2, or ``pydantic.v1``), a ``TypedDict`` class,
+    or a JSON-schema dict.
 
     A dict is returned as it is, once it is known to be a schema: it needs a keyword that says what the value is
     (``type``, ``properties``, ``enum``, ``anyOf``, ``$ref``, ...), and an OpenAI tool/function dict is refused
@@ -103,6 +104,8 @@ def json_schema_of(schema: Any) -> dict[str, Any]:
         try:
             if issubclass(schema, BaseModel):
                 return schema.model_json_schema()
+            if is_pydantic_model(schema):  # pydantic.v1
+                return schema.schema()
             if is_typeddict(schema):
                 from pydantic import TypeAdapter
 
@@ -113,6 +116,14 @@ def json_schema_of(schema: Any) -> dict[str, Any]:
         f"cannot make a JSON schema from {reprlib.repr(schema)} ({type(schema).__name__}): pass a pydantic "
         "BaseModel subclass, a TypedDict class or a JSON-schema dict"
     )
+
+
+def is_pydantic_model(schema: Any) -> bool:
+    """A pydantic ``BaseModel`` subclass, of pydantic 2 or of ``pydantic.v1`` (code still on pydantic 1's API, which
+    LangChain supports): what ``with_structured_output`` parses into an instance."""
+    from pydantic import BaseModel, v1
+
+    return isinstance(schema, type) and issubclass(schema, (BaseModel, v1.BaseModel))
 
 
 def _checked_schema_dict(schema: dict[str, Any]) -> dict[str, Any]:
