@@ -14,6 +14,7 @@ from dolly_langchain.generation import (
     DEFAULT_GENERATION,
     EMBEDDED_MODEL_LABEL,
     OPTION_NAMES,
+    STRUCTURED_DEFAULTS,
     SamplingOptions,
     sampling_options,
 )
@@ -68,8 +69,8 @@ class DollyModelFields(BaseModel):
     """Top-k sampling cut-off, 0 for none (Dolly's default); ignored when decoding greedily."""
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Above 1 discourages tokens already in the prompt or response (1: off); works greedy and sampling.
-    ``None``: :data:`~dolly_langchain.generation.ANSWER_DEFAULTS` for the embedded model (it loops without), off for
-    others."""
+    ``None``: for the embedded model :data:`~dolly_langchain.generation.ANSWER_DEFAULTS` (structured output:
+    ``STRUCTURED_DEFAULTS``), measured: it loops without; off for other models."""
     no_repeat_ngram_size: int | None = Field(default=None, ge=0)
     """Never repeat an n-gram of this many tokens (0: off). ``None``: as ``repetition_penalty``."""
     seed: int | None = None
@@ -275,16 +276,17 @@ class DollyModelFields(BaseModel):
                 f"{[*OPTION_NAMES, 'max_tokens', 'timeout', 'response_format']}"
             )
         values = {name: kwargs.get(name, getattr(self, name)) for name in OPTION_NAMES}
-        if self.is_embedded:
-            for name, value in ANSWER_DEFAULTS.items():
-                if values[name] is None:
-                    values[name] = value
         if kwargs.get("max_tokens") is not None:
             values["max_new_tokens"] = kwargs["max_tokens"]
         if kwargs.get("response_format") is not None:
             from dolly_langchain.structured import grammar_of_response_format
 
             values["grammar"] = grammar_of_response_format(kwargs["response_format"])
+        if self.is_embedded:  # the embedded model loops without these (generation.ANSWER_DEFAULTS says how much)
+            defaults = STRUCTURED_DEFAULTS if values.get("grammar") is not None else ANSWER_DEFAULTS
+            for name, value in defaults.items():
+                if values[name] is None:
+                    values[name] = value
         return sampling_options(values)
 
     def _stops(self, stop: Any) -> list[str]:

@@ -13,7 +13,7 @@ from typing_extensions import TypedDict
 
 from dolly_langchain.chat import ChatDolly
 from dolly_langchain.errors import DollyValueError
-from dolly_langchain.generation import ANSWER_DEFAULTS
+from dolly_langchain.generation import ANSWER_DEFAULTS, STRUCTURED_DEFAULTS
 from dolly_langchain.llm import DollyLLM
 from dolly_langchain.structured import JsonGrammar, parse_output
 
@@ -137,6 +137,8 @@ def test_embedded_model_defaults_to_answer_defaults_without_loading():
     assert options.repetition_penalty == ANSWER_DEFAULTS["repetition_penalty"]
     assert options.no_repeat_ngram_size == ANSWER_DEFAULTS["no_repeat_ngram_size"]
     assert chat._sampling({"repetition_penalty": 1, "no_repeat_ngram_size": 0}).repetition_penalty == 1
+    assert chat._sampling({"response_format": {"type": "json_object"}}).repetition_penalty == (
+        STRUCTURED_DEFAULTS["repetition_penalty"])
     assert ChatDolly(temperature=0, repetition_penalty=1.0)._sampling({}).repetition_penalty == 1.0
 
 
