@@ -69,14 +69,14 @@ class TransformersEngine(GenerationEngine):
                 torch.manual_seed(options.seed)
         if options.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = options.repetition_penalty
-        if options.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = options.no_repeat_ngram_size
         kwargs.update(extra)
         # Custom processors run before transformers' sampling warpers, so the recorder sees the model's own
         # distribution (after repetition penalties and the like), as CTranslate2 reports it.
         processors = list(kwargs.get("logits_processor", []))
         if recorder is not None:
             processors.insert(0, recorder)
+        if options.no_repeat_ngram_size:
+            processors.insert(0, _NoRepeatInResponse(options.no_repeat_ngram_size, width))
         if constraints is not None:
             # First of all, so the recorded log-probabilities and the sampling warpers see only allowed tokens.
             processors.insert(0, _GrammarMask(constraints, tracker))
@@ -102,6 +102,29 @@ class _LogprobRecorder(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
+class _NoRepeatInResponse(LogitsProcessor):
+    """Bans a token that would repeat an n-gram of the response, as CTranslate2's ``no_repeat_ngram_size`` does.
+
+    NOTE: transformers' own ``no_repeat_ngram_size`` also counts the prompt's n-grams, so an answer could never
+    copy four words from its context ("The capital of Freedonia is Blorptown" became "... is Blorberts"); both
+    engines look at the generated tokens only.
+    """
+
+    def __init__(self, size: int, prompt_width: int):
+        self.size, self.prompt_width = size, prompt_width
+
+    def __call__(self, input_ids, scores):
+        n = self.size
+        for row, ids in enumerate(input_ids[:, self.prompt_width:].tolist()):
+            if len(ids) < n - 1 or not ids and n > 1:
+                continue
+            prefix = tuple(ids[len(ids) - n + 1:]) if n > 1 else ()
+            banned = {ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i:i + n - 1]) == prefix}
+            if banned:
+                scores[row, list(banned)] = float("-inf")
         return scores
 
 

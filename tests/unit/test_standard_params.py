@@ -142,6 +142,8 @@ def test_no_repeat_ngram_size_and_repetition_penalty_on_both_engines(memorized_n
     assert penalized != plain  # a huge penalty forbids the memorized answer's repeated tokens ("France" again)
     assert len(penalized) == len(set(penalized))
     assert llm.invoke(FRANCE[0], repetition_penalty=1.0, no_repeat_ngram_size=0) == FRANCE[2]
+    # Only the response's own n-grams count: the answer may copy "capital of France" from the question.
+    assert llm.invoke(FRANCE[0], no_repeat_ngram_size=2) == FRANCE[2]
 
 
 # -- 3: usage and metadata ----------------------------------------------------------------------------------------
