@@ -91,8 +91,9 @@ class ChatDolly(DollyModelFields, BaseChatModel):
 
         ``schema``: a pydantic model class, a ``TypedDict`` class or a JSON-schema dict. ``method="json_schema"``
         constrains decoding to the schema (:mod:`dolly_langchain.structured`): every token is checked against a
-        grammar compiled from it, so the output always parses and validates (within ``max_tokens``: a response
-        cut by the token limit is an incomplete JSON value and fails to parse). ``method="json_mode"`` without a
+        grammar compiled from it, so the output always parses and validates: near ``max_tokens`` the grammar
+        closes the value with the fewest tokens (only a ``max_tokens`` below the shortest valid document cuts it,
+        and that fails to parse). ``method="json_mode"`` without a
         schema constrains to any JSON object (describe the fields in the prompt); with one, it enforces it too. ``include_raw=True`` returns
         ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`` instead of raising on a parse error.
         ``strict`` is accepted for LangChain's signature; constrained decoding is always strict.

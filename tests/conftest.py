@@ -201,6 +201,24 @@ def pytest_collection_modifyitems(config, items):
 __all__ = ["MEMORIZED", "format_prompt", "memorize", "tiny_gptj", "tiny_neox"]
 
 
+# The user's cache setting as the run started, before any fixture points the cache at a temporary directory.
+_USER_CACHE = os.environ.get("DOLLY_LANGCHAIN_CACHE")
+
+
+@pytest.fixture(scope="session")
+def embedded_checkpoint() -> Path:
+    """The embedded model's plain HF checkpoint in the user's own cache (converted there on first use, ~25 s, as
+    ``dolly ask`` does), whatever cache directory other fixtures have set meanwhile."""
+    from dolly_langchain.models import embedded_model_path
+
+    with pytest.MonkeyPatch.context() as mp:
+        if _USER_CACHE is None:
+            mp.delenv("DOLLY_LANGCHAIN_CACHE", raising=False)
+        else:
+            mp.setenv("DOLLY_LANGCHAIN_CACHE", _USER_CACHE)
+        return embedded_model_path()
+
+
 @pytest.fixture(scope="session")
 def ct2_cache(tmp_path_factory):
     """Keep CTranslate2 conversions of the tiny test models out of the user's cache."""

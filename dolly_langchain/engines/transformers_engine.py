@@ -79,7 +79,7 @@ class TransformersEngine(GenerationEngine):
             processors.insert(0, _NoRepeatInResponse(options.no_repeat_ngram_size, width))
         if constraints is not None:
             # First of all, so the recorded log-probabilities and the sampling warpers see only allowed tokens.
-            processors.insert(0, _GrammarMask(constraints, tracker))
+            processors.insert(0, _GrammarMask(constraints, tracker, width, options.max_new_tokens))
         if processors:
             kwargs["logits_processor"] = processors
         kwargs["stopping_criteria"] = [_Rows(tracker, recorder, constraints), *kwargs.get("stopping_criteria", [])]
@@ -129,15 +129,18 @@ class _NoRepeatInResponse(LogitsProcessor):
 
 
 class _GrammarMask(LogitsProcessor):
-    """Structured output: every row still generating may pick only the tokens its grammar allows next."""
+    """Structured output: every row still generating may pick only the tokens its grammar allows next, and closes
+    its value in time to end within ``max_new_tokens`` (see ``dolly_langchain.structured``)."""
 
-    def __init__(self, constraints: Sequence[Any], tracker: RowTracker):
+    def __init__(self, constraints: Sequence[Any], tracker: RowTracker, prompt_width: int, max_new_tokens: int):
         self.constraints, self.tracker = constraints, tracker
+        self.prompt_width, self.max_new_tokens = prompt_width, max_new_tokens
 
     def __call__(self, input_ids, scores):
+        tokens_left = self.max_new_tokens - (input_ids.shape[1] - self.prompt_width)
         for row, constraint in enumerate(self.constraints):
             if not self.tracker.done[row]:
-                allowed = torch.from_numpy(constraint.allowed_mask()).to(scores.device)
+                allowed = torch.from_numpy(constraint.allowed_mask(tokens_left)).to(scores.device)
                 width = min(scores.shape[-1], allowed.shape[0])
                 scores[row, :width].masked_fill_(~allowed[:width], float("-inf"))
                 scores[row, width:] = float("-inf")

@@ -1,5 +1,6 @@
 """The JSON grammar layer: masks, acceptance, end of value, schema sources and output checks, on the tiny trained
-tokenizer and (when its cached checkpoint is here) the real SmolLM2 tokenizer. No model weights are loaded."""
+tokenizer and the real SmolLM2 tokenizer (from the embedded model's cached checkpoint, converted on first use). No
+model weights are loaded."""
 
 import json
 import random
@@ -15,7 +16,6 @@ from pydantic import BaseModel, Field
 from typing_extensions import NotRequired, TypedDict
 
 from dolly_langchain.errors import DollyValueError
-from dolly_langchain.models import EMBEDDED_MODEL_NAME, EMBEDDED_PACKAGE_VERSION, cache_dir
 from dolly_langchain.prompts import END_KEY
 from dolly_langchain.structured import JsonGrammar, constraint_factory, json_schema_of, parse_output
 
@@ -59,14 +59,11 @@ def check_person(value):
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """The embedded model's real tokenizer (49k tokens), if its converted checkpoint is in the cache."""
-    path = cache_dir() / f"{EMBEDDED_MODEL_NAME}-{EMBEDDED_PACKAGE_VERSION}"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"the embedded model's converted checkpoint is not cached at {path} (run `dolly ask` once)")
+def smollm2_tokenizer(embedded_checkpoint):
+    """The embedded model's real tokenizer (49k tokens)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(embedded_checkpoint)
 
 
 @pytest.fixture(scope="module", params=["tiny", "smollm2"])
@@ -252,6 +249,92 @@ def test_random_walks_end_in_values_that_parse_and_validate(vocab):
         text = vocab[0].decode(tokens)
         check_person(json.loads(text))
         assert parse_output(text, grammar) == json.loads(text)
+
+
+# Unbounded values a small model can run on forever: free strings and numbers, an array without maxItems, nested.
+RAMBLING = {
+    "type": "object",
+    "properties": {
+        "setup": {"type": "string"},
+        "score": {"type": "number"},
+        "details": {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}},
+                                                      "count": {"type": "integer"}},
+                    "required": ["notes", "count"]},
+        "punchline": {"type": "string"},
+    },
+    "required": ["setup", "score", "details", "punchline"],
+}
+
+
+_CLOSING_TOKENS: dict = {}
+
+
+def _closing_tokens(tokenizer, eos):
+    key = (id(tokenizer), eos)
+    if key not in _CLOSING_TOKENS:
+        texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))  # byte-level forms keep '"}],' as is
+        _CLOSING_TOKENS[key] = np.array([t in eos or any(c in text for c in '"}],') for t, text in enumerate(texts)])
+    return _CLOSING_TOKENS[key]
+
+
+def rambling_walk(vocab, grammar, budget, rng):
+    """Generate under ``allowed_mask(tokens_left)`` as a model that never wants to stop would: it picks any allowed
+    token that closes nothing (no quote, bracket, comma or EOS), while the grammar lets it. Returns (tokens, ended
+    with EOS)."""
+    tokenizer, eos = vocab
+    closes = _closing_tokens(tokenizer, tuple(eos))
+    row, tokens = rows(vocab, grammar)(), []
+    while len(tokens) < budget:
+        allowed = np.flatnonzero(row.allowed_mask(budget - len(tokens)))
+        rambling = [int(t) for t in allowed if not closes[t]]
+        token = rng.choice(rambling) if rambling and len(allowed) > 1 else int(allowed[0])
+        if token in eos:
+            assert row.is_allowed(token)
+            return tokens, True
+        assert row.accept(token)
+        tokens.append(token)
+    return tokens, False
+
+
+@pytest.mark.parametrize("room", [0, 8, 30, 80])
+def test_a_rambling_row_closes_its_value_within_the_budget(vocab, room):
+    grammar = JsonGrammar.from_schema(RAMBLING)
+    shortest = rows(vocab, grammar)().closing_length(limit=500)  # the shortest whole document and its EOS
+    budget = shortest + room
+    for seed in range(3):
+        tokens, ended = rambling_walk(vocab, grammar, budget, random.Random(seed))
+        assert ended and len(tokens) < budget, "the EOS must fit in the budget too"
+        value = parse_output(vocab[0].decode(tokens), grammar)
+        assert list(value) == ["setup", "score", "details", "punchline"] and isinstance(value["punchline"], str)
+
+
+def test_json_mode_closes_within_the_budget_too(vocab):
+    grammar = JsonGrammar.json_mode()
+    tokens, ended = rambling_walk(vocab, grammar, 30, random.Random(0))
+    assert ended and isinstance(parse_output(vocab[0].decode(tokens), grammar), dict)
+
+
+def test_rows_with_room_to_spare_are_never_steered(vocab):
+    tokenizer, eos = vocab
+    grammar = JsonGrammar.from_schema(PERSON)
+    row = rows(vocab, grammar)()
+    for token in encode(vocab, json.dumps(ADA)):
+        free = row.allowed_mask()
+        assert np.array_equal(row.allowed_mask(10_000), free)  # far from the end: the grammar's own mask
+        assert row.accept(token)
+    assert row.finished
+
+
+def test_the_closing_length_counts_the_shortest_document_and_eos(vocab):
+    grammar = JsonGrammar.from_schema({"type": "object", "properties": {"a": {"type": "integer"}},
+                                       "required": ["a"]})
+    row = rows(vocab, grammar)()
+    shortest = row.closing_length(limit=100)
+    assert shortest is not None and shortest >= 3  # at least {"a": 0} in some tokens, then EOS
+    assert row.closing_length(limit=shortest - 1) is None
+    for token in encode(vocab, '{"a": 12}'):
+        assert row.accept(token)
+    assert row.closing_length(limit=5) == 1  # finished: only the EOS is left
 
 
 def test_random_walks_in_json_mode_end_in_objects(dolly_tokenizer):
