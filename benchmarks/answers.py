@@ -29,7 +29,9 @@ unseeded and its entry says so (``note``): its numbers then vary from run to run
 - ``mean_new_tokens`` (generated token ids per answer, as ``usage_metadata`` counts them), ``length_share`` (answers
   cut at ``--max-new-tokens`` rather than ended by the model), ``seconds`` (wall time of the setting's call) and
   ``tokens_per_s`` (generated tokens over those seconds);
-- ``loop_examples``: the first few looping answers (first 80 characters) and their most repeated 3-gram.
+- ``loop_examples``: the first few looping answers (first 80 characters) and their most repeated 3-gram;
+- ``rouge_l_minus_greedy`` (settings run after ``greedy``): the mean per-record ROUGE-L difference from greedy's
+  answers to the same records, with a seeded 95% paired-bootstrap interval, to tell a real loss from sample noise.
 
 ``recommendation``, the rule: among settings with ``loop_rate`` <= 0.05 whose ``rouge_l`` is at least greedy's, the
 one with the best ``rouge_l``; ties (equal to 4 decimals) go to the setting with fewer options that differ from greedy
@@ -182,12 +184,13 @@ def run_setting(llm, name: str, options: dict, prompts: list[str], records: list
         if loop and len(examples) < EXAMPLES:
             gram, count = _top_ngram(answer)
             examples.append({"answer": " ".join(answer.split())[:80], "ngram": gram, "count": count})
+    scores = [rouge_l(r["response"], a) for a, r in zip(answers, records)]
     summary = {
         "options": options,
         "deviations_from_greedy": deviations(options),
         "loop_rate": round(sum(looping) / len(answers), 4),
         "loops": sum(looping),
-        "rouge_l": round(statistics.fmean(rouge_l(r["response"], a) for a, r in zip(answers, records)), 4),
+        "rouge_l": round(statistics.fmean(scores), 4),
         "closed_qa_token_f1": round(statistics.fmean(closed_qa), 4) if closed_qa else None,
         "closed_qa_records": len(closed_qa),
         "mean_new_tokens": round(statistics.fmean(new_tokens), 1),
@@ -201,7 +204,17 @@ def run_setting(llm, name: str, options: dict, prompts: list[str], records: list
     print(f"answers benchmark: {name}: loop rate {summary['loop_rate']}, ROUGE-L {summary['rouge_l']}, "
           f"closed_qa F1 {summary['closed_qa_token_f1']}, {summary['mean_new_tokens']} tokens/answer, "
           f"{summary['seconds']} s", file=sys.stderr)
-    return summary, answers
+    return summary, scores
+
+
+def paired_difference(scores: list[float], baseline: list[float], seed: int, resamples: int = 10_000) -> dict:
+    """Mean of ``scores - baseline`` over the same records, with a 95% paired-bootstrap interval (seeded): whether
+    a setting's ROUGE-L is lower than greedy's beyond what the record sample alone explains."""
+    diffs = [a - b for a, b in zip(scores, baseline)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return {"mean": round(statistics.fmean(diffs), 4),
+            "ci95": [round(means[int(0.025 * resamples)], 4), round(means[int(0.975 * resamples) - 1], 4)]}
 
 
 def recommend(results: dict) -> dict:
@@ -272,9 +285,13 @@ def main(argv=None) -> int:
         "load_seconds": round(load_seconds, 1),
         "settings": {},
     }
+    per_record = {}
     for name in args.settings:
         options = options_of(name, args.seed, llm.generation_engine)
-        report["settings"][name], _ = run_setting(llm, name, options, prompts, records)
+        report["settings"][name], per_record[name] = run_setting(llm, name, options, prompts, records)
+        if name != "greedy" and "greedy" in per_record:
+            report["settings"][name]["rouge_l_minus_greedy"] = paired_difference(
+                per_record[name], per_record["greedy"], args.seed)
         if "seed" in SETTINGS[name] and "seed" not in options:
             report["settings"][name]["note"] = (f"not seeded: the {llm.generation_engine.name} engine cannot seed a "
                                                 "call; this setting's numbers vary from run to run")

@@ -63,8 +63,11 @@ class ChatDolly(DollyModelFields, BaseChatModel):
     @classmethod
     def from_llm(cls, llm, **fields: Any) -> ChatDolly:
         """A chat model on a ``DollyLLM``'s loaded model, engine and scheduler, with its generation options."""
-        names = ("model_id", *OPTION_NAMES, "batch_size", "stop", "timeout", "streaming")
+        names = ("model_id", *OPTION_NAMES, "batch_size", "stop", "timeout")
         options = {name: getattr(llm, name) for name in names}
+        if "streaming" in llm.model_fields_set:
+            # Only when set: LangChain reads an explicit streaming=False as "never stream", even in .stream().
+            options["streaming"] = llm.streaming
         return cls(runtime=llm.runtime, pipeline=llm.given_pipeline, **{**options, **fields})
 
     @property

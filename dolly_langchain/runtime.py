@@ -133,6 +133,11 @@ class DollyRuntime:
                 completion.finish_reason = "length"
         return completion
 
+    def load(self) -> tuple[int, int]:
+        """(running, waiting): requests generating now and requests queued, over this runtime's schedulers."""
+        schedulers = [self.scheduler, *([self._grammar_scheduler] if self._grammar_scheduler is not None else [])]
+        return sum(s.running for s in schedulers), sum(s.waiting for s in schedulers)
+
     # -- structured output ---------------------------------------------------------------------------------------
 
     def grammar_scheduler(self) -> BatchScheduler:

@@ -4,6 +4,7 @@
     dolly chat                                                             # dolly_langchain.cli.chat
     dolly rag index docs/ --index docs.sqlite                              # dolly_langchain.rag.cli
     dolly rag ask "How do I reset my password?" --index docs.sqlite
+    dolly serve --port 8000                                                # dolly_langchain.serve.cli
     dolly eval runs/my-dolly --tasks card --samples 500                    # dolly_langchain.evaluation.cli
     dolly finetune --input-model EleutherAI/pythia-410m --local-output-dir runs/dolly-410m   # finetune.cli
     dolly finetune plan --preset dolly-v2-12b-a100
@@ -27,10 +28,11 @@ __all__ = ["build_parser", "main", "run_command"]
 
 
 def build_parser(prog: str = "dolly") -> argparse.ArgumentParser:
-    """The whole ``dolly`` tree: ask, chat, rag (index, ask), eval, finetune (plan)."""
+    """The whole ``dolly`` tree: ask, chat, rag (index, ask, remove), serve, eval, finetune (plan)."""
     from dolly_langchain.cli import ask, chat
     from dolly_langchain.evaluation import cli as evaluation
     from dolly_langchain.rag import cli as rag
+    from dolly_langchain.serve import cli as serve
     from finetune import cli as finetune
 
     parser = argparse.ArgumentParser(
@@ -38,7 +40,7 @@ def build_parser(prog: str = "dolly") -> argparse.ArgumentParser:
         "evaluate and fine-tune."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (ask, chat, rag, evaluation, finetune):
+    for module in (ask, chat, rag, serve, evaluation, finetune):
         module.register(commands)
     return parser
 

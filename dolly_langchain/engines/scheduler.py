@@ -111,7 +111,19 @@ class BatchScheduler:
         self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._current: list[Request] = []
         self.batches_run = 0
+
+    @property
+    def running(self) -> int:
+        """Requests of the batch generating now that are still wanted (not cancelled, not finished)."""
+        return sum(1 for r in list(self._current) if not r.cancelled and not r.future.done())
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a later batch (cancelled ones, about to be dropped, are not counted)."""
+        with self._cond:
+            return sum(1 for r in self._pending if not r.cancelled)
 
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue requests (together, so one caller's prompts can share a batch)."""
@@ -160,6 +172,13 @@ class BatchScheduler:
     def _execute(self, batch: list[Request]) -> None:
         if not batch:
             return
+        self._current = batch
+        try:
+            self._execute_batch(batch)
+        finally:
+            self._current = []
+
+    def _execute_batch(self, batch: list[Request]) -> None:
         try:
             outputs = self._generate(batch)
         except BaseException as err:  # noqa: BLE001 - delivered to the callers, never lost in this thread

@@ -187,10 +187,7 @@ def ask_command(args: argparse.Namespace) -> int:
     question = args.question.strip()
     if not question:
         raise CLIError('the question is empty; pass the text to answer, e.g. dolly rag ask "What is X?" --index FILE')
-    if not args.index.exists():
-        raise CLIError(f"no index at {args.index}; build one with: dolly rag index PATH... --index {args.index}")
-    built = _built_with(args.index)
-    embeddings = _choose_embeddings(args.embeddings, built.get("embeddings_id"), args.index)
+    embeddings = _question_embeddings(args.index, args.embeddings)  # before the model: a bad index fails fast
     started = time.perf_counter()
     llm = load_llm(args)
     loaded = time.perf_counter()
@@ -226,6 +223,21 @@ def ask_command(args: argparse.Namespace) -> int:
         for number, document in enumerate(result["sources"], start=1):
             print(f"[{number}] {_describe(document)}")
     return 0
+
+
+def open_for_questions(path: Path, embeddings_name: str | None = None, *, tokenizer: Any = None,
+                       k: int | None = None):
+    """An existing index opened to answer questions (``dolly rag ask``, ``dolly serve --index``): the embeddings
+    are the ones named, else those the index records if this package ships them; anything wrong is a CLIError."""
+    embeddings = _question_embeddings(path, embeddings_name)
+    return _open(path, tokenizer=tokenizer, embeddings=embeddings, **({"k": k} if k is not None else {}))
+
+
+def _question_embeddings(path: Path, embeddings_name: str | None):
+    if not path.exists():
+        raise CLIError(f"no index at {path}; build one with: dolly rag index PATH... --index {path}")
+    built = _built_with(path)
+    return _choose_embeddings(embeddings_name, built.get("embeddings_id"), path)
 
 
 def remove_command(args: argparse.Namespace) -> int:

@@ -78,6 +78,11 @@ class MeanPoolingEmbeddings(BaseModel, Embeddings):
     def embed_query(self, text: str) -> list[float]:
         return self.embed_documents([text])[0]
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the encoder reads for ``texts`` (each truncated to ``max_length`` as when embedding)."""
+        _, tokenizer = self._load()
+        return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"])
+
 
 def _resolve(model_name: str) -> str:
     """The packaged MiniLM's directory, a local directory, or the hub id unchanged."""

@@ -127,6 +127,9 @@ def test_from_llm_shares_the_model_and_scheduler(memorized_neox_dir):
     assert chat.runtime is llm.runtime and chat.max_new_tokens == 40 and chat.do_sample is False
     assert chat._identifying_params["engine"] == "transformers"
     assert chat._get_ls_params()["ls_model_type"] == "chat"
+    # it streams token by token (an explicit streaming=False copied from the LLM made LangChain fall back to invoke)
+    assert len(list(chat.stream(FRANCE[0]))) > 2
+    assert ChatDolly.from_llm(llm.model_copy(update={"streaming": True})).streaming is True
 
 
 def test_an_empty_answer_streams_as_one_empty_chunk(chat):
