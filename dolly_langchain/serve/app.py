@@ -78,8 +78,8 @@ class ServeSettings:
     """Extra ``ChatDolly``/``DollyLLM`` fields (e.g. ``repetition_penalty``)."""
 
 
-class ApiError(Exception):
-    """An error answered with OpenAI's error body."""
+class ApiError(DollyError):
+    """A request the server refuses (or could not serve), answered with OpenAI's error body and its HTTP status."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
