@@ -643,8 +643,9 @@ async def _serve(state: ServerState, request: Request, body: _Sampling, call: _C
     started = time.perf_counter()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, call, body.model, started, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        release = _once(state.release)
+        return _AdmittedStream(_sse(state, call, body.model, started, include_usage, release), release,
+                               media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     task = asyncio.ensure_future(call.run())
     try:
         while True:
@@ -686,7 +687,35 @@ def _failure(state: ServerState, err: BaseException) -> ApiError:
     return ApiError(500, f"generation failed: {type(err).__name__}: {err}", "server_error")
 
 
-async def _sse(state: ServerState, call: _Call, model: str, started: float, include_usage: bool):
+def _once(function: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            function()
+
+    return call
+
+
+class _AdmittedStream(StreamingResponse):
+    """A stream that gives its admission place back however the response ends: the generator's own ``finally``
+    does it, but a client gone before the first chunk means the generator never starts, and then this does."""
+
+    def __init__(self, content, release: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+async def _sse(state: ServerState, call: _Call, model: str, started: float, include_usage: bool,
+               release: Callable[[], None]):
     """Server-sent events in OpenAI's shape, ending with ``data: [DONE]``. A client that goes away closes this
     generator (Starlette cancels it), which closes the model's stream and frees the row."""
     at, status, usage = 0, "ok", None
@@ -721,7 +750,7 @@ async def _sse(state: ServerState, call: _Call, model: str, started: float, incl
         status = "cancelled"
         raise
     finally:
-        state.release()
+        release()
         state.metrics.request_seconds.observe(time.perf_counter() - started)
         state.metrics.usage(usage)
         if status != "reported":
