@@ -63,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 GREEDY = {"do_sample": False, "temperature": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 #: The decoding settings compared: name -> DollyLLM per-call options. ``seed`` of sampled settings is --seed.
-# Every setting names both penalties: the embedded model's own defaults (generation.ANSWER_DEFAULTS) must not leak in.
-OFF = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+# Every setting names every anti-loop option: the embedded model's own defaults (generation.ANSWER_DEFAULTS) must not leak in.
+OFF = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "stop_loops": False}
 SETTINGS = {
     "greedy": {"temperature": 0, **OFF},
     "dolly_sampling": {"do_sample": True, "temperature": 1.0, "top_p": 0.92, "seed": None, **OFF},
@@ -75,7 +75,8 @@ SETTINGS = {
     "nrng4": {"temperature": 0, **OFF, "no_repeat_ngram_size": 4},
     "nrng5": {"temperature": 0, **OFF, "no_repeat_ngram_size": 5},
     "nrng6": {"temperature": 0, **OFF, "no_repeat_ngram_size": 6},
-    "rp1.1+nrng4": {"temperature": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 4},
+    "rp1.1+nrng4": {"temperature": 0, **OFF, "repetition_penalty": 1.1, "no_repeat_ngram_size": 4},
+    "stoploops": {"temperature": 0, **OFF, "stop_loops": True},
 }
 
 LOOP_NGRAM, LOOP_TIMES = 3, 4

@@ -231,9 +231,9 @@ class PromptCodec:
             })
         return out
 
-    def watcher(self, stop_sequences: Sequence[str] | None = None) -> ResponseWatcher:
-        """A :class:`ResponseWatcher` for one generation with these stop sequences."""
-        return ResponseWatcher(self.tokenizer, self.stop_strings(stop_sequences))
+    def watcher(self, stop_sequences: Sequence[str] | None = None, stop_loops: bool = False) -> ResponseWatcher:
+        """A :class:`ResponseWatcher` for one generation with these stop sequences (and loop stopping)."""
+        return ResponseWatcher(self.tokenizer, self.stop_strings(stop_sequences), stop_loops=stop_loops)
 
     def _find_stop_token_ids(self, eos_token_ids) -> list[int]:
         ids = []
@@ -252,15 +252,26 @@ class ResponseWatcher:
     Decoding is incremental (only the last few tokens are decoded each step), so watching costs microseconds.
     """
 
-    def __init__(self, tokenizer, stop_strings: list[str]):
+    def __init__(self, tokenizer, stop_strings: list[str], stop_loops: bool = False):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self._prefix = 0  # tokens before _prefix are already text
         self._read = 0
         self.text = StreamingResponse(stop_strings)
+        self.stop_loops = stop_loops
+        self.looped = False
+        """The row ended because it repeated itself (``stop_loops``)."""
 
     def push(self, token_id: int) -> tuple[str, bool]:
         self.ids.append(token_id)
+        if self.stop_loops and repeats_itself(self.ids):
+            # The loop's text so far stays (it was streamed already, and invoke must equal the stream); the row ends.
+            self.looped = True
+            out, _ = self._advance()
+            return out, True
+        return self._advance()
+
+    def _advance(self) -> tuple[str, bool]:
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
         # A token may hold part of a multi-byte character (decodes to U+FFFD until the rest arrives): wait for it.
@@ -280,6 +291,30 @@ class ResponseWatcher:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+
+#: A loop, for ``stop_loops``: the last tokens are one run of at most LOOP_MAX_PERIOD tokens, LOOP_COPIES times in a
+#: row, and at least LOOP_MIN_TOKENS tokens in all (so "!!!" or a 3-column table rule is not a loop; 8 "!" are).
+LOOP_MAX_PERIOD = 32
+LOOP_COPIES = 3
+LOOP_MIN_TOKENS = 8
+
+
+def repeats_itself(ids: Sequence[int]) -> bool:
+    """Whether ``ids`` end in a loop (see :data:`LOOP_COPIES`); a few microseconds a call: most periods fail on
+    their first comparison."""
+    n = len(ids)
+    for period in range(1, LOOP_MAX_PERIOD + 1):
+        span = max(LOOP_COPIES * period, LOOP_MIN_TOKENS)
+        if span > n:
+            if LOOP_COPIES * period > n:
+                return False
+            continue
+        if ids[n - 1] != ids[n - 1 - period]:
+            continue
+        if all(ids[i] == ids[i - period] for i in range(n - span + period, n)):
+            return True
+    return False
 
 
 class StreamingResponse:

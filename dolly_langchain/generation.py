@@ -83,7 +83,7 @@ STRUCTURED_DEFAULTS = {"repetition_penalty": 1.2, "no_repeat_ngram_size": 0}
 
 #: The per-call generation options of ``DollyLLM``/``ChatDolly`` (fields of the same names set their defaults).
 OPTION_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
-                "no_repeat_ngram_size", "seed", "logprobs")
+                "no_repeat_ngram_size", "stop_loops", "seed", "logprobs")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,10 @@ class SamplingOptions:
     transformers and CTranslate2 apply it); 1 is off."""
     no_repeat_ngram_size: int = 0
     """Never generate an n-gram of this many tokens twice; 0 is off."""
+    stop_loops: bool = False
+    """End the response once it repeats itself: the same run of tokens three times in a row (at least
+    :data:`~dolly_langchain.codec.LOOP_MIN_TOKENS` tokens, a run of at most ``LOOP_MAX_PERIOD``). Decoding is
+    unchanged up to there, so the answer is the same as without it, minus the loop's tail."""
     seed: int | None = None
     """Seeds the sampler before the batch runs, for reproducible sampling (``None``: not seeded). Greedy decoding
     ignores it. A seeded call is reproducible when it runs alone or with the same calls in its batch; the
@@ -177,6 +181,7 @@ def sampling_options(values: Mapping[str, Any]) -> SamplingOptions:
         top_k=top_k if do_sample else 0,
         repetition_penalty=number("repetition_penalty", float),
         no_repeat_ngram_size=number("no_repeat_ngram_size", int),
+        stop_loops=bool(get("stop_loops")),
         seed=seed if do_sample else None,
         logprobs=bool(get("logprobs")),
         grammar=values.get("grammar"),

@@ -73,6 +73,9 @@ class DollyModelFields(BaseModel):
     ``STRUCTURED_DEFAULTS``), measured: it loops without; off for other models."""
     no_repeat_ngram_size: int | None = Field(default=None, ge=0)
     """Never repeat an n-gram of this many tokens (0: off). ``None``: as ``repetition_penalty``."""
+    stop_loops: bool | None = None
+    """End a response that starts repeating itself (the same run of tokens three times in a row), keeping the
+    decoding unchanged up to there. ``None``: as ``repetition_penalty``."""
     seed: int | None = None
     """Seed for reproducible sampling (greedy decoding needs none)."""
     logprobs: bool = False

@@ -87,16 +87,20 @@ class DollyRuntime:
 
     # -- generation ----------------------------------------------------------------------------------------------
 
-    def _request(self, ids, options: SamplingOptions, stop, listener=None) -> Request:
-        watcher = self.codec.watcher(stop)
-        constraint = None
-        if options.grammar is not None:
-            constraint = self._constraint_factory(options.grammar)()
+    def check_options(self, options: SamplingOptions) -> None:
+        """Raise :class:`NotSupportedError` for options this runtime's engine cannot honour (before any work)."""
         if options.seed is not None and not self.engine.supports_seed:
             raise NotSupportedError(
                 f"seed= cannot be honoured by the {self.engine.name} engine: it seeds its sampler once per thread, not "
                 "per call. Use engine='transformers' for seeded sampling, or temperature=0 for reproducible answers."
             )
+
+    def _request(self, ids, options: SamplingOptions, stop, listener=None) -> Request:
+        watcher = self.codec.watcher(stop, stop_loops=options.stop_loops)
+        self.check_options(options)
+        constraint = None
+        if options.grammar is not None:
+            constraint = self._constraint_factory(options.grammar)()
 
         def on_token(token_id: int, logprob) -> bool:
             text, stopped = watcher.push(token_id)

@@ -464,6 +464,7 @@ def _chat_call(state: ServerState, body: ChatCompletionRequest) -> _Call:
         return _rag_call(state, body, messages, kwargs, stop)
     chat = state.chat
     options = _client_error(chat._sampling, {k: v for k, v in kwargs.items() if k != "timeout"})
+    _client_error(chat.runtime.check_options, options, param="seed")
     prompt = _client_error(chat._encode, messages, options)  # window and text checks before the engine
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -582,6 +583,7 @@ def _completion_call(state: ServerState, body: CompletionRequest) -> _Call:
     stop = _stops(body)
     llm = state.llm
     options = _client_error(llm._sampling, {k: v for k, v in kwargs.items() if k != "timeout"})
+    _client_error(llm.runtime.check_options, options, param="seed")
     ids = _client_error(llm._encode, prompt, options)
     created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
 

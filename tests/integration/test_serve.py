@@ -378,3 +378,10 @@ def test_health_turns_ok_and_sigterm_drains():
         assert process.wait(timeout=60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base}/health", timeout=2)
+
+
+def test_seed_on_the_ctranslate2_engine_is_a_clear_400(client, model_id):
+    with pytest.raises(openai.BadRequestError) as caught:  # the embedded model runs on CTranslate2 by default
+        client.chat.completions.create(model=model_id, messages=PROMPT, temperature=0.7, seed=1, stream=True)
+    error = caught.value.body
+    assert error["param"] == "seed" and error["code"] == "unsupported_parameter" and "transformers" in error["message"]
