@@ -187,7 +187,7 @@ class InstructionTextGenerationPipeline(Pipeline):
         if extra:
             # Other generate() arguments (num_beams, ...) have no place in the scheduler's shared batches,
             # which group calls by SamplingOptions alone: such a call runs the engine directly, as Dolly's did.
-            watchers = [self.codec.watcher(stops) for _ in prompts]
+            watchers = [self.codec.watcher(stops, stop_loops=options.stop_loops) for _ in prompts]
             generated = [o.token_ids for o in self.engine.generate(
                 prompts, options, self.stop_token_ids, lambda row, token, _: watchers[row].push(token)[1], **extra
             )]

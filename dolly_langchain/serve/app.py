@@ -75,7 +75,8 @@ class ServeSettings:
     """Embeddings for ``--index`` (default: what the index records, if this package ships it) and for
     ``/v1/embeddings`` (default: MiniLM, when installed)."""
     model_options: dict[str, Any] = field(default_factory=dict)
-    """Extra ``ChatDolly``/``DollyLLM`` fields (e.g. ``repetition_penalty``)."""
+    """Extra ``ChatDolly``/``DollyLLM`` fields (e.g. ``repetition_penalty``); a request without ``temperature``
+    decodes with these, greedily unless they say ``do_sample=True``."""
 
 
 class ApiError(DollyError):
@@ -189,7 +190,7 @@ class ServerState:
                 s = self.settings
                 llm = DollyLLM.from_model_id(s.model, engine=s.engine, compute_type=s.compute_type, device=s.device,
                                              batch_size=s.batch_size, max_new_tokens=s.max_tokens,
-                                             **s.model_options)
+                                             **{"do_sample": False, **s.model_options})
                 self.llm, self.chat = llm, ChatDolly.from_llm(llm)
             self.chat.invoke("Hi", max_tokens=1)  # "until the model answers": the first call's allocations too
             self._load_extras()

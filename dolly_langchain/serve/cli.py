@@ -130,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
     if args.index is not None and not args.index.exists():
         raise CLIError(f"no index at {args.index}; build one with: dolly rag index PATH... --index {args.index}")
     check_device(args)
-    options = {"repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    options = {"do_sample": args.temperature > 0, "repetition_penalty": args.repetition_penalty,
+               "no_repeat_ngram_size": args.no_repeat_ngram_size}
     if args.temperature > 0:
-        options.update(do_sample=True, temperature=args.temperature)
+        options["temperature"] = args.temperature
     settings = ServeSettings(
         model=args.model, engine=args.engine, compute_type=args.compute_type, device=args.device,
         served_model_name=args.served_model_name, api_key=key, max_queue=args.max_queue, batch_size=args.batch_size,

@@ -385,3 +385,30 @@ def test_seed_on_the_ctranslate2_engine_is_a_clear_400(client, model_id):
         client.chat.completions.create(model=model_id, messages=PROMPT, temperature=0.7, seed=1, stream=True)
     error = caught.value.body
     assert error["param"] == "seed" and error["code"] == "unsupported_parameter" and "transformers" in error["message"]
+
+
+def test_dolly_rag_answers_from_the_index_with_its_sources(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "password.md").write_text(
+        "# Resetting your password\n\nTo reset your password, open the self-service page at id.example.com and "
+        "click Forgot password. A reset link is sent to your work email and stays valid for 30 minutes.\n")
+    (docs / "parking.txt").write_text("The office car park opens at 7:00 and closes at 20:00 on weekdays.\n")
+    index = tmp_path / "docs.sqlite"
+    dolly = str(Path(sys.executable).parent / "dolly")
+    subprocess.run([dolly, "rag", "index", str(docs), "--index", str(index)], check=True, capture_output=True,
+                   timeout=300)
+    with dolly_serve("--api-key", KEY, "--index", str(index)) as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        assert "dolly-rag" in [m.id for m in client.models.list().data]
+        question = [{"role": "user", "content": "Where do I reset my password?"}]
+        response = client.chat.completions.create(model="dolly-rag", messages=question, max_tokens=32)
+        body = response.model_dump()
+        assert response.choices[0].message.content
+        assert body["sources"][0]["source"].endswith("password.md") and "id.example.com" in body["sources"][0]["text"]
+        assert response.usage.completion_tokens > 0 and response.usage.prompt_tokens > 20
+        chunks = list(client.chat.completions.create(model="dolly-rag", messages=question, max_tokens=32,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            response.choices[0].message.content
+        assert chunks[-1].model_dump()["sources"][0]["source"].endswith("password.md")
