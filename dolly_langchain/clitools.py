@@ -146,7 +146,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--max-new-tokens``, ``--temperature``, ``--repetition-penalty``, ``--no-repeat-ngram-size``,
-    ``--engine``, ``--compute-type``, ``--device``."""
+    ``--stop-loops``, ``--engine``, ``--compute-type``, ``--device``."""
     parser.add_argument(
         "--model", metavar="ID_OR_PATH", default=None,
         help=f"hub id or local model directory (default: the embedded {EMBEDDED_MODEL_NAME})",
@@ -168,6 +168,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-repeat-ngram-size", type=non_negative_int, default=ngram, metavar="N",
         help=f"never repeat a run of N tokens (default {ngram}; 0 turns it off)",
+    )
+    loops = ANSWER_DEFAULTS.get("stop_loops", False)
+    parser.add_argument(
+        "--stop-loops", action=argparse.BooleanOptionalAction, default=loops,
+        help=f"end an answer that repeats itself (the same run of tokens three times in a row), decoding unchanged "
+        f"up to there (default: {'on' if loops else 'off'})",
     )
     parser.add_argument(
         "--engine", choices=ENGINE_CHOICES, default="auto",
@@ -193,7 +199,8 @@ def load_llm(args: argparse.Namespace, *, chat: bool = False):
 
     check_device(args)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
-               "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+               "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+               "stop_loops": args.stop_loops}
     if args.temperature > 0:
         options["temperature"] = args.temperature
     print(f"dolly: loading {args.model or f'the embedded {EMBEDDED_MODEL_NAME}'} ...", file=sys.stderr, flush=True)

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"no index at {args.index}; build one with: dolly rag index PATH... --index {args.index}")
     check_device(args)
     options = {"do_sample": args.temperature > 0, "repetition_penalty": args.repetition_penalty,
-               "no_repeat_ngram_size": args.no_repeat_ngram_size}
+               "no_repeat_ngram_size": args.no_repeat_ngram_size, "stop_loops": args.stop_loops}
     if args.temperature > 0:
         options["temperature"] = args.temperature
     settings = ServeSettings(
