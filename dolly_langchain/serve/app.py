@@ -50,6 +50,8 @@ __all__ = ["RAG_MODEL_ID", "ServeSettings", "ServerState", "create_app"]
 RAG_MODEL_ID = "dolly-rag"
 #: ``Retry-After`` seconds on a 429: about one batch of short answers on a CPU.
 RETRY_AFTER_SECONDS = 1
+#: The routes that generate, and so take a place in the queue.
+_GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 #: How often a non-streamed request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.1
 
@@ -231,14 +233,18 @@ class ServerState:
         if self.draining:
             raise ApiError(503, "the server is shutting down", "service_unavailable", code="draining")
 
-    def admit(self) -> None:
-        """Take a place for one request, or raise 429 (queue full) / 503 (loading, draining)."""
-        self.check_ready()
+    def check_room(self) -> None:
+        """Raise 429 (with ``Retry-After``) when ``batch_size`` requests generate and ``max_queue`` wait."""
         if self.in_flight >= self.settings.batch_size + self.settings.max_queue:
             self.metrics.requests.labels("rejected").inc()
             raise ApiError(429, f"the server is busy: {self.settings.batch_size} requests are generating and "
                            f"{self.settings.max_queue} waiting (--max-queue); retry after {RETRY_AFTER_SECONDS} s",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    def admit(self) -> None:
+        """Take a place for one request, or raise 429 (queue full) / 503 (loading, draining)."""
+        self.check_ready()
+        self.check_room()
         self.in_flight += 1
 
     def release(self) -> None:
@@ -294,6 +300,11 @@ def create_app(settings: ServeSettings, *, chat: Any = None, llm: Any = None, lo
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                                 "authentication_error", code="invalid_api_key").response()
+        if request.url.path in _GENERATION_ROUTES and state.status == "ok":
+            try:  # a full queue answers at once, before the body is read, parsed and tokenized
+                state.check_room()
+            except ApiError as err:
+                return err.response()
         return await call_next(request)
 
     @app.exception_handler(ApiError)
