@@ -102,9 +102,9 @@ class SamplingOptions:
     no_repeat_ngram_size: int = 0
     """Never generate an n-gram of this many tokens twice; 0 is off."""
     stop_loops: bool = False
-    """End the response once it repeats itself: the same run of tokens three times in a row (at least
-    :data:`~dolly_langchain.codec.LOOP_MIN_TOKENS` tokens, a run of at most ``LOOP_MAX_PERIOD``). Decoding is
-    unchanged up to there, so the answer is the same as without it, minus the loop's tail."""
+    """End the response once it repeats itself: the same run of tokens three times in a row, or a run of three
+    words for the third time (:data:`dolly_langchain.codec.LOOP_MAX_PERIOD` and the constants beside it). Decoding
+    is unchanged up to there, so the answer is the same as without it, minus the loop's tail."""
     seed: int | None = None
     """Seeds the sampler before the batch runs, for reproducible sampling (``None``: not seeded). Greedy decoding
     ignores it. A seeded call is reproducible when it runs alone or with the same calls in its batch; the

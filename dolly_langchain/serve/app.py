@@ -69,6 +69,10 @@ class ServeSettings:
     api_key: str | None = None
     max_queue: int = 64
     batch_size: int = 16
+    batch_window: float = 0.02
+    """Seconds the scheduler waits for more requests before it starts a batch (up to ten times this while they
+    keep coming). Longer than the library's 5 ms: HTTP requests of a burst arrive spread out by parsing and
+    tokenizing, and a request that misses a batch waits for the whole batch to end."""
     timeout: float | None = 600.0
     max_tokens: int = 256
     """Default ``max_tokens`` of a request that names none."""
@@ -194,6 +198,7 @@ class ServerState:
                                              batch_size=s.batch_size, max_new_tokens=s.max_tokens,
                                              **{"do_sample": False, **s.model_options})
                 self.llm, self.chat = llm, ChatDolly.from_llm(llm)
+            self.chat.runtime.scheduler.window = self.settings.batch_window
             self.chat.invoke("Hi", max_tokens=1)  # "until the model answers": the first call's allocations too
             self._load_extras()
             self.status = "ok"

@@ -47,6 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait beyond those generating; the next gets 429 (default: 64)")
     parser.add_argument("--batch-size", type=int_at_least(1, "--batch-size"), default=16, metavar="N",
                         help="requests generated together in one engine batch (default: 16)")
+    parser.add_argument("--batch-window-ms", type=positive_float, default=20.0, metavar="MS",
+                        help="how long to wait for more requests before starting a batch (default: 20; up to 10x "
+                        "while requests keep arriving)")
     parser.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
                         help="end a request that runs longer than this many seconds (default: 600)")
     parser.add_argument("--drain-seconds", type=positive_float, default=30.0, metavar="S",
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         model=args.model, engine=args.engine, compute_type=args.compute_type, device=args.device,
         served_model_name=args.served_model_name, api_key=key, max_queue=args.max_queue, batch_size=args.batch_size,
+        batch_window=args.batch_window_ms / 1000,
         timeout=args.timeout, max_tokens=args.max_new_tokens, index=args.index, embeddings=args.embeddings,
         model_options=options,
     )

@@ -34,3 +34,17 @@ def test_a_looping_answer_stops_and_is_the_same_up_to_there(tiny_neox_dir):
     assert free.text.startswith(stopped.text)
     assert stopped.generation_info["finish_reason"] == "stop"
     assert "".join(llm.stream(prompt, stop_loops=True)) == stopped.text
+
+
+@pytest.mark.parametrize("text, loops", [
+    ("Player of the Year, College Player of the Year, and Player of the Year.", True),
+    ("Player of the Year, College Player of the Year, and Player of the", False),   # "the" may still grow
+    ("Player of the Year, College Player of the Year, and Player of the ", True),
+    ("a game that is fun, a game that is", False),                                  # only twice
+    ("One, two, three. Four, five, six. Seven.", False),
+    ("", False),
+])
+def test_repeats_a_phrase(text, loops):
+    from dolly_langchain.codec import repeats_a_phrase
+
+    assert repeats_a_phrase(text) is loops
