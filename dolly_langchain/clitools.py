@@ -162,18 +162,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     penalty, ngram = ANSWER_DEFAULTS["repetition_penalty"], ANSWER_DEFAULTS["no_repeat_ngram_size"]
     parser.add_argument(
         "--repetition-penalty", type=positive_float, default=penalty, metavar="P",
-        help=f"above 1 discourages repeating what is already there (default {penalty:g}, chosen by "
-        "benchmarks/answers.py: greedy answers loop without it); 1 turns it off",
+        help=f"above 1 discourages repeating what is already there, the context included (default {penalty:g}: off)",
     )
     parser.add_argument(
         "--no-repeat-ngram-size", type=non_negative_int, default=ngram, metavar="N",
-        help=f"never repeat a run of N tokens (default {ngram}; 0 turns it off)",
+        help=f"never repeat a run of N tokens (default {ngram}: off)",
     )
     loops = ANSWER_DEFAULTS.get("stop_loops", False)
     parser.add_argument(
         "--stop-loops", action=argparse.BooleanOptionalAction, default=loops,
-        help=f"end an answer that repeats itself (the same run of tokens three times in a row), decoding unchanged "
-        f"up to there (default: {'on' if loops else 'off'})",
+        help=f"end an answer where it starts repeating itself, decoding unchanged up to there (default: "
+        f"{'on' if loops else 'off'}; chosen by benchmarks/answers.py: greedy answers loop without it)",
     )
     parser.add_argument(
         "--engine", choices=ENGINE_CHOICES, default="auto",

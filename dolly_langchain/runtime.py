@@ -96,7 +96,9 @@ class DollyRuntime:
             )
 
     def _request(self, ids, options: SamplingOptions, stop, listener=None) -> Request:
-        watcher = self.codec.watcher(stop, stop_loops=options.stop_loops)
+        # A grammar's value must be finished, so a constrained row is never ended early as a loop (the grammar
+        # closes it within max_tokens instead).
+        watcher = self.codec.watcher(stop, stop_loops=options.stop_loops and options.grammar is None)
         self.check_options(options)
         constraint = None
         if options.grammar is not None:

@@ -136,6 +136,9 @@ def test_embedded_model_defaults_to_answer_defaults_without_loading():
     assert chat.given_runtime is None  # resolving the defaults did not load the model
     assert options.repetition_penalty == ANSWER_DEFAULTS["repetition_penalty"]
     assert options.no_repeat_ngram_size == ANSWER_DEFAULTS["no_repeat_ngram_size"]
+    assert options.stop_loops is ANSWER_DEFAULTS["stop_loops"] is True
+    assert chat._sampling({"stop_loops": False}).stop_loops is False
+    assert chat._sampling({"response_format": {"type": "json_object"}}).stop_loops is False  # never cut a JSON value
     assert chat._sampling({"repetition_penalty": 1, "no_repeat_ngram_size": 0}).repetition_penalty == 1
     assert chat._sampling({"response_format": {"type": "json_object"}}).repetition_penalty == (
         STRUCTURED_DEFAULTS["repetition_penalty"])
@@ -145,4 +148,5 @@ def test_embedded_model_defaults_to_answer_defaults_without_loading():
 def test_other_models_keep_penalties_off(chat):
     named = ChatDolly(model="some/other-model")
     assert named._sampling({}).repetition_penalty == 1.0 and named._sampling({}).no_repeat_ngram_size == 0
+    assert named._sampling({}).stop_loops is False
     assert chat._sampling({}).repetition_penalty == 1.0
