@@ -51,7 +51,8 @@ schema's key order instead of sorting keys: a "reasoning" field before an "answe
 Closing within the budget: a small model can run a string or a number on until ``max_new_tokens`` cuts it ("0.52389
 746888888..."), which would leave text that is not JSON. So the engines tell :meth:`RowConstraint.allowed_mask` how
 many tokens a row has left, and near the end the row closes its value: a model-free policy (the grammar's forced
-tokens, else a closing ``"``/``}``/``]``, else the shortest value such as ``0`` or ``""``) is walked on a copy of the
+tokens, else a closing ``"``/``}``/``]``, else the shortest value such as ``0`` or ``""``; inside a string whose
+format refuses the quote, filler characters in turn, so an email gets its ``@``) is walked on a copy of the
 grammar state to count the tokens a valid end takes, EOS included; when that count (plus a small margin for the
 last free token) reaches the tokens left, the row follows the policy from then on. The value then parses and
 validates, with its last field shortened, instead of being cut. Nothing changes for rows that end by themselves.
@@ -203,7 +204,13 @@ def _llguidance():
 
 # Tokens the closing policy tries, in order, where the grammar forces nothing: end a string and its container in one
 # token, end a string, end a container, then the shortest values. Only those that are one token in a vocabulary count.
-_CLOSING_TEXTS = ('"}', '"]', '""', '"', "}", "]", "[]", "{}", "0", "null", "false", "true", "[", "{")
+_CLOSING_TEXTS = ('"}', '"]', '""', "}", "]", "[]", "{}", "0", "null", "false", "true", '"', "[", "{")
+# Inside a string: the closing quote, else content that moves a formatted string on (an email needs "@" and ".", a
+# date or uuid digits and "-").
+_STRING_TEXTS = ('"', "a", "0", "@", ".", "1", "-", ":", "x")
+# The policy picks one token at most this many times in a row (unless the grammar forces it), so that a string
+# whose format refuses the quote still moves on.
+_MAX_SAME_IN_A_ROW = 3
 # Start checking how a row would close once it has this many tokens left beyond twice its minimal document's length.
 _CLOSE_WINDOW = 64
 # Tokens of slack kept for the last freely chosen token, which may open more structure than the check foresaw.
@@ -221,12 +228,45 @@ class _Vocabulary:
     @functools.cached_property
     def closing_ids(self) -> tuple[int, ...]:
         """The ids of :data:`_CLOSING_TEXTS` that are single tokens here, in that order."""
-        ids = []
-        for text in _CLOSING_TEXTS:
+        return self._single_tokens(_CLOSING_TEXTS)
+
+    @functools.cached_property
+    def string_ids(self) -> tuple[int, ...]:
+        """The ids of :data:`_STRING_TEXTS` that are single tokens here, in that order."""
+        return self._single_tokens(_STRING_TEXTS)
+
+    def _single_tokens(self, texts: tuple[str, ...]) -> tuple[int, ...]:
+        ids: list[int] = []
+        for text in texts:
             tokens = self.ll_tokenizer.tokenize_str(text)
             if len(tokens) == 1 and tokens[0] < self.size and tokens[0] not in ids:
                 ids.append(tokens[0])
         return tuple(ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.ll_tokenizer.decode_bytes([token])
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What the closing policy remembers of the text so far: inside a JSON string or not (after a backslash or
+    not), and the last token with how many times in a row it came."""
+
+    in_string: bool = False
+    escaped: bool = False
+    last: int = -1
+    times: int = 0
+
+    def after(self, token: int, vocabulary: _Vocabulary) -> _Walk:
+        in_string, escaped = self.in_string, self.escaped
+        for byte in vocabulary.token_bytes(token):
+            if escaped:
+                escaped = False
+            elif in_string and byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = not in_string
+        return _Walk(in_string, escaped, token, self.times + 1 if token == self.last else 1)
 
 
 # tokenizer -> {(vocab_size, eos ids): _Vocabulary}; building one costs ~1 s on a 49k vocabulary, so it is done once
@@ -280,6 +320,7 @@ class RowConstraint:
         self._bits = allocate_token_bitmask(1, vocabulary.size)  # one bit a token, reused at every step
         self._closing = False  # following the closing policy (see the module's docstring) for the rest of the row
         self._check_below: int | None = None  # tokens left under which the closing check runs; set on first use
+        self._walk = _Walk()  # string state and repeats of the text so far, for the closing policy
 
     def allowed_mask(self, tokens_left: int | None = None) -> numpy.ndarray:
         """Bool array of the logits width: True for each token allowed next (~70 µs on 49k tokens: ~50 to fill the
@@ -291,7 +332,7 @@ class RowConstraint:
 
         if tokens_left is not None and self._must_close(tokens_left):
             mask = np.zeros(self._vocabulary.size, dtype=np.bool_)
-            mask[_closing_choice(self._matcher, self._vocabulary, self._bits)] = True
+            mask[_closing_choice(self._matcher, self._vocabulary, self._bits, self._walk)] = True
             return mask
         _fill_bitmask(self._matcher, self._bits)
         return _unpack(self._bits, self._vocabulary.size)
@@ -299,18 +340,19 @@ class RowConstraint:
     def closing_length(self, limit: int) -> int | None:
         """How many tokens, EOS included, the closing policy takes to end the value from here; ``None`` if it
         does not end within ``limit``. The state does not move."""
-        return _closing_length(self._matcher, self._vocabulary, self._bits, limit)
+        return _closing_length(self._matcher, self._vocabulary, self._bits, limit, self._walk)
 
     def _must_close(self, tokens_left: int) -> bool:
         if self._closing or self._matcher.is_stopped():
             return self._closing
         if self._check_below is None:  # first step: size the window by the shortest whole document
             shortest = self.closing_length(limit=tokens_left + 1)
-            self._check_below = 2 * (shortest if shortest is not None else tokens_left) + _CLOSE_WINDOW
+            self._check_below = 2 * (shortest if shortest is not None else 0) + _CLOSE_WINDOW
         if tokens_left <= self._check_below:
             needed = self.closing_length(limit=tokens_left)
-            # Not closable in time at all: closing now still leaves the best chance (and the shortest cut value).
-            self._closing = needed is None or needed + _CLOSE_MARGIN >= tokens_left
+            # When the policy cannot end the value in time, forcing it would only make things worse than the model
+            # left to itself: the row goes on unsteered.
+            self._closing = needed is not None and needed + _CLOSE_MARGIN >= tokens_left
         return self._closing
 
     def is_allowed(self, token_id: int) -> bool:
@@ -323,7 +365,11 @@ class RowConstraint:
     def accept(self, token_id: int) -> bool:
         """Advance with the token the engine picked; False (state unchanged) if the grammar refuses it."""
         # Check first: a token llguidance refuses while consuming leaves the matcher in an error state for good.
-        return self.is_allowed(token_id) and self._matcher.consume_token(token_id)
+        if not (self.is_allowed(token_id) and self._matcher.consume_token(token_id)):
+            return False
+        if token_id not in self._vocabulary.eos_ids:
+            self._walk = self._walk.after(token_id, self._vocabulary)
+        return True
 
     @property
     def finished(self) -> bool:
@@ -350,33 +396,46 @@ def _unpack(bits: numpy.ndarray, size: int) -> numpy.ndarray:
     return np.unpackbits(bits.view(np.uint8), bitorder="little")[:size].view(np.bool_)
 
 
-def _closing_choice(matcher: Any, vocabulary: _Vocabulary, bits: numpy.ndarray) -> int:
+def _closing_choice(matcher: Any, vocabulary: _Vocabulary, bits: numpy.ndarray, walk: _Walk) -> int:
     """The closing policy's next token: EOS once the value may end, else the first token the grammar forces,
-    else the first of :data:`_CLOSING_TEXTS` it allows, else the lowest allowed id (deterministic, model-free)."""
+    else the first of :data:`_STRING_TEXTS` (inside a string) or :data:`_CLOSING_TEXTS` (outside) it allows, never
+    one more time after :data:`_MAX_SAME_IN_A_ROW` in a row, else the lowest allowed id. Deterministic and
+    model-free."""
     if matcher.is_stopped() or matcher.is_accepting():
         return min(vocabulary.eos_ids)
     forced = matcher.compute_ff_tokens()
     if forced:
         return forced[0]
-    for token in vocabulary.closing_ids:
-        if matcher.validate_tokens([token]) == 1:
+    tired = walk.last if walk.times >= _MAX_SAME_IN_A_ROW else -1
+    candidates = vocabulary.closing_ids
+    if walk.in_string:
+        # The closing quote first, then the fillers in turn, starting after the last one used, so that each gets
+        # its chance ("@" after "a" in an email) instead of one filler forever.
+        quote, fillers = vocabulary.string_ids[:1], vocabulary.string_ids[1:]
+        start = fillers.index(walk.last) + 1 if walk.last in fillers else 0
+        candidates = quote + fillers[start:] + fillers[:start]
+    for token in candidates:
+        if token != tired and matcher.validate_tokens([token]) == 1:
             return token
     _fill_bitmask(matcher, bits)
-    allowed = _unpack(bits, vocabulary.size).nonzero()[0]
-    return int(allowed[0]) if len(allowed) else min(vocabulary.eos_ids)
+    allowed = [int(t) for t in _unpack(bits, vocabulary.size).nonzero()[0][:2]]
+    allowed = [t for t in allowed if t != tired] or allowed
+    return allowed[0] if allowed else min(vocabulary.eos_ids)
 
 
-def _closing_length(matcher: Any, vocabulary: _Vocabulary, bits: numpy.ndarray, limit: int) -> int | None:
+def _closing_length(matcher: Any, vocabulary: _Vocabulary, bits: numpy.ndarray, limit: int,
+                    walk: _Walk) -> int | None:
     if matcher.is_stopped() or matcher.is_accepting():
         return 1
-    walk = matcher.deep_copy()
+    matcher = matcher.deep_copy()
     scratch = bits.copy()
     for steps in range(1, limit + 1):
-        token = _closing_choice(walk, vocabulary, scratch)
+        token = _closing_choice(matcher, vocabulary, scratch, walk)
         if token in vocabulary.eos_ids:
             return steps
-        if not walk.consume_token(token) or walk.is_error():
+        if not matcher.consume_token(token) or matcher.is_error():
             return None
+        walk = walk.after(token, vocabulary)
     return None
 
 

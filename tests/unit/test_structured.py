@@ -308,6 +308,27 @@ def test_a_rambling_row_closes_its_value_within_the_budget(vocab, room):
         assert list(value) == ["setup", "score", "details", "punchline"] and isinstance(value["punchline"], str)
 
 
+FORMATTED = {
+    "type": "object",
+    "properties": {"note": {"type": "string"}, "email": {"type": "string", "format": "email"},
+                   "id": {"type": "string", "format": "uuid"}, "day": {"type": "string", "format": "date"}},
+    "required": ["note", "email", "id", "day"],
+}
+
+
+@pytest.mark.parametrize("room", [0, 20])
+def test_formatted_strings_close_within_the_budget(vocab, room):
+    # A string whose format refuses the closing quote (an email needs "@") must still be closed by the policy,
+    # not filled with the same token forever.
+    grammar = JsonGrammar.from_schema(FORMATTED)
+    shortest = rows(vocab, grammar)().closing_length(limit=500)
+    assert shortest is not None
+    tokens, ended = rambling_walk(vocab, grammar, shortest + room, random.Random(1))
+    assert ended
+    value = parse_output(vocab[0].decode(tokens), grammar)
+    assert "@" in value["email"] and value["id"].count("-") == 4 and value["day"].count("-") == 2
+
+
 def test_json_mode_closes_within_the_budget_too(vocab):
     grammar = JsonGrammar.json_mode()
     tokens, ended = rambling_walk(vocab, grammar, 30, random.Random(0))
