@@ -47,10 +47,11 @@ Threads: torch runs on as many threads as the CTranslate2 engine does by default
 ``ctranslate2_engine.default_intra_threads``), so the two engines are compared at equal threads; ``--torch-threads
 0`` keeps torch's own default (one per core), which on a 2-core CPU that other processes also keep busy ran about 4x
 slower than one thread (1.4-1.7 against 5.0-5.5 tokens/s for SmolLM2-135M, threads waiting on each other).
-The embedded model decodes with ``repetition_penalty`` 1.2 by default (``generation.ANSWER_DEFAULTS``), in every
-mode here; it also penalises the prompt's tokens, values to copy and the schema's punctuation included
-(``--repetition-penalty 1.0`` turns it off). Measured: with 1.2 two schemas' numbers never end (``0.52389746888...``,
-``9999...``) until ``--max-tokens`` cuts them, and names in the task come out as ``"<NAME>"``; with 1.0 none does.
+The embedded model decodes structured output with ``repetition_penalty`` 1.2 by default
+(``generation.STRUCTURED_DEFAULTS``), in every mode here; it also penalises the prompt's tokens, values to copy and
+the schema's punctuation included (``--repetition-penalty 1.0`` turns it off). Measured: with 1.2, names in the task
+come out as ``"<NAME>"``; two schemas' numbers never ended (``0.52389746888...``, ``9999...``) until the grammar
+learned to close a value within ``max_tokens`` (:mod:`dolly_langchain.structured`), and now end in valid JSON.
 Schemas and prompts are defined here; nothing is downloaded.
 """
 
