@@ -20,17 +20,24 @@ batch: padding changes int8 rounding (8 of 16 concurrent answers equalled the lo
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from dolly_langchain.engines.base import EngineOutput, GenerationEngine
+from dolly_langchain.errors import DollyRuntimeError
 from dolly_langchain.generation import DEFAULT_BATCH_SIZE, SamplingOptions
 
 DEFAULT_WINDOW = 0.005
 IDLE_EXIT_SECONDS = 10.0  # the worker thread ends after this long without work; the next call starts a new one
+EXIT_WAIT_SECONDS = 10.0  # at interpreter exit, how long a generating batch gets to stop before the process goes on
+
+# Every scheduler alive, closed when the interpreter exits (see ``_close_all``).
+_SCHEDULERS: weakref.WeakSet[BatchScheduler] = weakref.WeakSet()
 
 
 class Request:
@@ -112,7 +119,9 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self._current: list[Request] = []
+        self._closed = False
         self.batches_run = 0
+        _SCHEDULERS.add(self)
 
     @property
     def running(self) -> int:
@@ -128,11 +137,31 @@ class BatchScheduler:
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue requests (together, so one caller's prompts can share a batch)."""
         with self._cond:
+            if self._closed:
+                raise DollyRuntimeError("this model's scheduler was closed (the process is exiting); load it again")
             self._pending.extend(requests)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._run, name="dolly-batcher", daemon=True)
                 self._worker.start()
             self._cond.notify_all()
+
+    def close(self, timeout: float = EXIT_WAIT_SECONDS) -> None:
+        """Take no more work: queued requests are cancelled, rows generating now stop at their next token, and the
+        worker thread is waited for (up to ``timeout`` seconds).
+
+        Called for every scheduler when the interpreter exits: a worker thread still inside an engine's native
+        code while Python finalizes can abort the process ("terminate called without an active exception",
+        exit code -6) after the program itself has finished.
+        """
+        with self._cond:
+            self._closed = True
+            pending, self._pending = self._pending, []
+            worker = self._worker
+            self._cond.notify_all()
+        for request in [*pending, *list(self._current)]:
+            request.cancel()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
     # -- worker --------------------------------------------------------------------------------------------------
 
@@ -146,6 +175,9 @@ class BatchScheduler:
     def _next_batch(self) -> list[Request] | None:
         with self._cond:
             while not self._pending:
+                if self._closed:
+                    self._worker = None
+                    return None
                 if not self._cond.wait(timeout=IDLE_EXIT_SECONDS) and not self._pending:
                     self._worker = None
                     return None
@@ -213,3 +245,10 @@ class BatchScheduler:
             lambda row, token, logprob: batch[row].accept(token, logprob),
             **extra,
         )
+
+
+@atexit.register
+def _close_all() -> None:
+    # atexit handlers run before Python finalizes, while worker threads can still take the interpreter lock.
+    for scheduler in list(_SCHEDULERS):
+        scheduler.close()

@@ -64,6 +64,24 @@ def test_dolly_chat_reports_a_bad_message_and_goes_on():
     assert result.stdout.decode().strip()  # the next message was answered
 
 
+def test_a_program_that_exits_while_the_embedded_model_generates_exits_cleanly():
+    """A script (or a chat quit mid-answer) that ends while a CTranslate2 batch is still generating used to abort
+    at interpreter shutdown with "terminate called without an active exception" (exit code -6/134)."""
+    script = (
+        "import threading, time\n"
+        "from dolly_langchain.llm import DollyLLM\n"
+        "llm = DollyLLM(max_tokens=400)\n"
+        "llm.invoke('hi')\n"
+        "threading.Thread(target=lambda: llm.invoke('Write a long story about a dragon.'), daemon=True).start()\n"
+        "time.sleep(1.0)\n"
+        "print('leaving')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")[-2000:]
+    assert result.stdout.decode().strip() == "leaving"
+
+
 # -- dolly rag ----------------------------------------------------------------------------------------------------
 
 

@@ -211,3 +211,88 @@ def test_a_lone_surrogate_gives_a_clear_value_error(llm):
         assert isinstance(info.value, DollyError) and "character 8" in str(info.value)
     out = llm.batch([FRANCE[0], bad], return_exceptions=True)
     assert out[0] == FRANCE[2] and isinstance(out[1], DollyValueError)
+
+
+class _SlowEngine:
+    """A fake engine that makes one token every 10 ms until the row's callback says stop (or 2000 tokens)."""
+
+    name = "slow-fake"
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.stopped_rows = 0
+
+    def generate(self, prompts, options, stop_token_ids, on_token=None):
+        from dolly_langchain.engines.base import EngineOutput
+
+        outputs = []
+        for row in range(len(prompts)):
+            tokens = []
+            for _ in range(2000):
+                self.started.set()
+                time.sleep(0.01)
+                tokens.append(5)
+                if on_token is not None and on_token(row, 5, None):
+                    self.stopped_rows += 1
+                    break
+            outputs.append(EngineOutput(token_ids=tokens))
+        return outputs
+
+
+def test_closing_a_scheduler_stops_its_batch_cancels_its_queue_and_ends_its_worker():
+    from dolly_langchain.engines.scheduler import BatchScheduler
+
+    engine = _SlowEngine()
+    scheduler = BatchScheduler(engine, stop_token_ids=[0], batch_size=1, window=0.001)
+    running = Request([1, 2], SamplingOptions(max_new_tokens=2000, do_sample=False))
+    queued = Request([3, 4], SamplingOptions(max_new_tokens=2000, do_sample=False))
+    scheduler.submit([running, queued])
+    assert engine.started.wait(10)
+    worker = scheduler._worker
+
+    started = time.monotonic()
+    scheduler.close()
+    assert time.monotonic() - started < 5
+    assert not worker.is_alive()
+    assert engine.stopped_rows == 1 and len(running.future.result(timeout=1).token_ids) < 2000
+    assert queued.future.cancelled()
+    with pytest.raises(DollyError, match="closed"):
+        scheduler.submit([Request([1], SamplingOptions(max_new_tokens=4, do_sample=False))])
+
+
+def test_a_process_that_exits_mid_generation_stops_the_batch_before_python_finalizes(tmp_path):
+    """The atexit hook closes every scheduler: a worker thread left inside an engine's native code while Python
+    finalizes can abort the process after the program has finished (exit code -6)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "stopped"
+    script = f"""
+import threading, time
+from dolly_langchain.engines.base import EngineOutput
+from dolly_langchain.engines.scheduler import BatchScheduler, Request
+from dolly_langchain.generation import SamplingOptions
+
+started = threading.Event()
+
+class Endless:
+    name = "endless-fake"
+
+    def generate(self, prompts, options, stop_token_ids, on_token=None):
+        tokens = []
+        while True:
+            started.set()
+            time.sleep(0.01)
+            tokens.append(5)
+            if on_token(0, 5, None):
+                open({str(marker)!r}, "w").write("stopped")
+                return [EngineOutput(token_ids=tokens)]
+
+BatchScheduler(Endless(), [0], batch_size=1).submit([Request([1], SamplingOptions(max_new_tokens=9, do_sample=False))])
+started.wait(10)
+print("leaving")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == "leaving"
+    assert marker.read_text() == "stopped"  # the row was told to stop, and the engine returned, before the process ended
