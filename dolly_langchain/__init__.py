@@ -20,21 +20,19 @@ The rooms (``docs/architecture.md`` draws how they connect):
 - :mod:`dolly_langchain.errors`: ``DollyError``, the base of every error this project raises on purpose.
 - :mod:`dolly_langchain.files`: JSONL reading, atomic writes and checkpoint fingerprints, shared by every room.
 
-Training lives beside this package in :mod:`finetune`. Heavy modules (torch, transformers) load on first use of the
-names below, so ``import dolly_langchain`` is cheap.
+Training lives beside this package in :mod:`finetune`. Heavy modules (LangChain, torch, transformers) load on first
+use of the names below, so ``import dolly_langchain`` is cheap; torch and transformers load only with a model on the
+transformers engine (the CTranslate2 engine runs on ``tokenizers``, see :mod:`dolly_langchain.tokenizer`).
 """
 
 from dolly_langchain.errors import DollyError
-from dolly_langchain.prompts import (
-    INSTRUCTION_PROMPT,
-    INSTRUCTION_WITH_CONTEXT_PROMPT,
-    format_prompt,
-    format_training_text,
-)
+from dolly_langchain.prompts import format_prompt, format_training_text
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "INSTRUCTION_PROMPT": "dolly_langchain.prompts",
+    "INSTRUCTION_WITH_CONTEXT_PROMPT": "dolly_langchain.prompts",
     "DollyLLM": "dolly_langchain.llm",
     "ChatDolly": "dolly_langchain.chat",
     "InstructionTextGenerationPipeline": "dolly_langchain.pipeline",
@@ -53,8 +51,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "DollyError",
-    "INSTRUCTION_PROMPT",
-    "INSTRUCTION_WITH_CONTEXT_PROMPT",
     "format_prompt",
     "format_training_text",
     *_LAZY,

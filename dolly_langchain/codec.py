@@ -20,7 +20,7 @@ from dolly_langchain.errors import DollyTypeError, DollyValueError
 from dolly_langchain.prompts import (
     DOLLY_SPECIAL_TOKENS,
     END_KEY,
-    INSTRUCTION_WITH_CONTEXT_PROMPT,
+    instruction_text,
     prompt_segments,
     read_format_record,
 )
@@ -95,7 +95,7 @@ class PromptCodec:
         """The model-format prompt as ``(text, is_user_text)`` pieces; their texts joined are the prompt."""
         if self.prompt_format != "chat":
             return prompt_segments(instruction, context)
-        user = INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction=instruction, context=context) if context else instruction
+        user = instruction_text(instruction, context)
         return self._chat_segments([("user", user)])
 
     def message_segments(self, messages: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:

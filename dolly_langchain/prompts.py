@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from langchain_core.prompts import PromptTemplate
-
 INTRO_BLURB = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -46,12 +44,31 @@ DOLLY_SPECIAL_TOKENS = (END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL)
 FORMAT_RECORD_FILE = "dolly_prompt_format.json"
 FORMAT_NAME = "dolly"
 
-# LangChain templates. Rendering one and passing the result through format_prompt() gives Dolly's
-# training text, because format_prompt(f"{i}\n\nInput:\n{c}") == format_prompt(i, c).
-INSTRUCTION_PROMPT = PromptTemplate(input_variables=["instruction"], template="{instruction}")
-INSTRUCTION_WITH_CONTEXT_PROMPT = PromptTemplate(
-    input_variables=["instruction", "context"], template=f"{{instruction}}\n\n{INPUT_KEY}\n{{context}}"
-)
+# LangChain templates, INSTRUCTION_PROMPT and INSTRUCTION_WITH_CONTEXT_PROMPT, are built on first access (below), so
+# importing this module does not import LangChain (half a second). Rendering one and passing the result through
+# format_prompt() gives Dolly's training text, because format_prompt(f"{i}\n\nInput:\n{c}") == format_prompt(i, c);
+# instruction_text() renders the same text without LangChain.
+_TEMPLATES = {
+    "INSTRUCTION_PROMPT": (["instruction"], "{instruction}"),
+    "INSTRUCTION_WITH_CONTEXT_PROMPT": (["instruction", "context"], f"{{instruction}}\n\n{INPUT_KEY}\n{{context}}"),
+}
+
+
+def __getattr__(name: str):
+    if name in _TEMPLATES:
+        from langchain_core.prompts import PromptTemplate
+
+        variables, template = _TEMPLATES[name]
+        value = globals()[name] = PromptTemplate(input_variables=variables, template=template)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def instruction_text(instruction: str, context: str | None = None) -> str:
+    """What INSTRUCTION_PROMPT (no ``context``) or INSTRUCTION_WITH_CONTEXT_PROMPT renders, without LangChain."""
+    if context:
+        return _TEMPLATES["INSTRUCTION_WITH_CONTEXT_PROMPT"][1].format(instruction=instruction, context=context)
+    return instruction
 
 
 def format_prompt(instruction: str, context: str | None = None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ from dolly_langchain.engines.base import GenerationEngine
 from dolly_langchain.engines.scheduler import DEFAULT_WINDOW, BatchScheduler, Request
 from dolly_langchain.errors import DollyValueError, NotSupportedError
 from dolly_langchain.generation import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, ENGINES, SamplingOptions, check_window
+from dolly_langchain.tokenizer import full_tokenizer
 
 _DONE = object()
 
@@ -69,7 +71,10 @@ class DollyRuntime:
 
     @property
     def tokenizer(self):
-        return self.codec.tokenizer
+        """The model's transformers tokenizer (for RAG chunking, structured output, the pipeline adapter). The codec
+        may encode with a transformers-free twin (:class:`~dolly_langchain.tokenizer.LightTokenizer`, CTranslate2
+        conversions); then this loads transformers' on first access."""
+        return full_tokenizer(self.codec.tokenizer)
 
     @property
     def context_window(self) -> int | None:
@@ -78,7 +83,7 @@ class DollyRuntime:
         a huge sentinel, which is ignored)."""
         if self.engine.context_window is not None:
             return self.engine.context_window
-        limit = self.tokenizer.model_max_length
+        limit = self.codec.tokenizer.model_max_length
         return limit if limit < 1_000_000 else None
 
     def check_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -183,8 +188,8 @@ class DollyRuntime:
         from dolly_langchain.structured import constraint_factory
 
         engine = self.grammar_scheduler().engine
-        width = engine.logits_width or len(self.codec.tokenizer)
-        return constraint_factory(grammar, self.codec.tokenizer, width, self.codec.stop_token_ids)
+        width = engine.logits_width or len(self.tokenizer)
+        return constraint_factory(grammar, self.tokenizer, width, self.codec.stop_token_ids)
 
     def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions, stop=None,
                  timeout: float | None = None) -> list[Completion]:
@@ -391,14 +396,23 @@ def resolve_engine(engine: str | None, model_id: str | None, transformers_only: 
 
 
 def _load_ctranslate2(model_id, compute_type, device, prompt_format) -> DollyRuntime:
-    from transformers import AutoTokenizer, GenerationConfig
-
+    from dolly_langchain.engines.conversion import read_conversion_record
     from dolly_langchain.engines.ctranslate2_engine import CTranslate2Engine
 
     engine = CTranslate2Engine.from_model(model_id, device=device, compute_type=compute_type or "auto")
     model_dir = engine.model_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # A conversion whose record says the transformers-free tokenizer reproduces transformers' is read with it, so
+    # this engine runs without importing transformers or torch (dolly_langchain.tokenizer); others keep transformers'.
+    if (read_conversion_record(model_dir) or {}).get("light_tokenizer"):
+        from dolly_langchain.tokenizer import LightTokenizer
+
+        tokenizer = LightTokenizer(model_dir)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     eos = None
     if (model_dir / "generation_config.json").is_file():
-        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+        # What GenerationConfig.from_pretrained reads as eos_token_id, without importing transformers.
+        eos = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
     return DollyRuntime(PromptCodec(tokenizer, prompt_format, model_dir=str(model_dir), eos_token_ids=eos), engine)

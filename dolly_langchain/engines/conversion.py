@@ -28,12 +28,14 @@ from dolly_langchain.files import checkpoint_fingerprint, publish_dir
 from dolly_langchain.generation import COMPUTE_TYPES
 from dolly_langchain.models import ModelNotFoundError, cache_dir, resolve_model_path
 from dolly_langchain.prompts import FORMAT_RECORD_FILE
+from dolly_langchain.tokenizer import matches_transformers
 
 #: The record written last into every finished conversion; its presence marks the conversion complete.
 CONVERSION_RECORD = "dolly_ctranslate2.json"
 
-# Bump when _converter()'s shims change what a conversion writes, so cached conversions are redone.
-_SHIM_VERSION = 1
+# Bump when _converter()'s shims or the record change what a conversion writes, so cached conversions are redone
+# (2: the record says whether the transformers-free tokenizer matches, see dolly_langchain.tokenizer).
+_SHIM_VERSION = 2
 
 # The files of a checkpoint that a conversion reads: they make up the fingerprint, and they are all that is fetched
 # for a hub id. Only the checkpoint's top level counts (a fine-tune's checkpoint-*/ folders do not).
@@ -181,7 +183,7 @@ def _write_conversion(checkpoint: Path, out: Path, record: dict) -> None:
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, out / name)
     record = {**record, "context_window": getattr(config, "max_position_embeddings", None),
-              "architecture": config.model_type}
+              "architecture": config.model_type, "light_tokenizer": matches_transformers(out)}
     (out / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 

@@ -21,15 +21,30 @@
     retrieval_qa_chain(llm, index.as_retriever(k=4)).invoke("What does the handbook say about leave?")
 """
 
-from dolly_langchain.models import load_tokenizer
-from dolly_langchain.rag.chain import NO_PASSAGES_ANSWER, retrieval_qa_chain
-from dolly_langchain.rag.embeddings import MeanPoolingEmbeddings
-from dolly_langchain.rag.index import (
-    DocumentIndex,
-    IndexFileError,
-    IndexMismatchError,
-    IngestReport,
-)
+from __future__ import annotations
+
+
+def __getattr__(name: str):
+    # Each name from its module on first use, so building the command tree (dolly_langchain.rag.cli) imports no
+    # LangChain and no SQLite code.
+    if name == "load_tokenizer":
+        from dolly_langchain import models as home
+    elif name in ("NO_PASSAGES_ANSWER", "retrieval_qa_chain"):
+        from dolly_langchain.rag import chain as home
+    elif name == "MeanPoolingEmbeddings":
+        from dolly_langchain.rag import embeddings as home
+    elif name in ("DocumentIndex", "IndexFileError", "IndexMismatchError", "IngestReport"):
+        from dolly_langchain.rag import index as home
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(home, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "NO_PASSAGES_ANSWER",
