@@ -187,14 +187,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs (default: cpu for ctranslate2, the model's device for transformers)")
 
 
-def load_llm(args: argparse.Namespace, *, chat: bool = False):
+def load_llm(args: argparse.Namespace, *, chat: bool = False, langchain: bool = True):
     """The ``DollyLLM`` (``ChatDolly`` with ``chat=True``) that ``--model``, ``--engine``, ``--compute-type``,
     ``--device``, ``--max-new-tokens``, ``--temperature``, ``--repetition-penalty`` and ``--no-repeat-ngram-size``
-    ask for."""
+    ask for. ``langchain=False``: a :class:`~dolly_langchain.lc_common.DollyAnswerer` instead of ``DollyLLM`` (the
+    same answers, ``invoke`` and ``stream``, without importing LangChain)."""
     if chat:
         from dolly_langchain.chat import ChatDolly as model_class
-    else:
+    elif langchain:
         from dolly_langchain.llm import DollyLLM as model_class
+    else:
+        from dolly_langchain.lc_common import DollyAnswerer as model_class
 
     check_device(args)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,

@@ -1,7 +1,9 @@
-"""Fields and loading shared by the LangChain classes ``DollyLLM`` and ``ChatDolly``."""
+"""Fields and loading shared by the LangChain classes ``DollyLLM`` and ``ChatDolly``, and :class:`DollyAnswerer`, the
+same answering of instructions without LangChain (for ``dolly ask``). Nothing here imports LangChain."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -217,7 +219,7 @@ class DollyModelFields(BaseModel):
 
     @property
     def tokenizer(self):
-        return self.runtime.codec.tokenizer
+        return self.runtime.tokenizer
 
     @property
     def prompt_format(self) -> str:
@@ -308,3 +310,35 @@ class DollyModelFields(BaseModel):
         self.runtime.check_window(len(ids), options.max_new_tokens)
         return ids
 
+
+    def _encode_instruction(self, prompt: str, options: SamplingOptions) -> list[int]:
+        """An instruction (``DollyLLM``'s prompt) encoded in the model's format, its window checked."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DollyValueError("the prompt is empty: give DollyLLM an instruction to answer")
+        return self._checked(self.codec.encode_prompt(prompt), options)
+
+
+class DollyAnswerer(DollyModelFields):
+    """``DollyLLM``'s answers without LangChain: the same fields, runtime, encoding and options, through
+    ``invoke`` and ``stream`` of one instruction (text in, text out).
+
+    For ``dolly ask``: importing LangChain's ``BaseLLM`` takes half a second on a 2-core CPU, longer than loading
+    the embedded model. ``DollyLLM(...).invoke(p) == DollyAnswerer(...).invoke(p)`` for the same settings (no
+    callbacks, no tracing; ``stop``/``timeout`` as the fields say).
+    """
+
+    def invoke(self, prompt: str, **kwargs: Any) -> str:
+        """The response to ``prompt`` (an instruction, as ``DollyLLM.invoke`` takes it); kwargs override fields."""
+        options = self._sampling(kwargs)
+        [completion] = self.runtime.generate([self._encode_instruction(prompt, options)], options, self._stops(None),
+                                             timeout=self._timeout(kwargs))
+        return completion.text
+
+    def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+        """The response's text piece by piece, as ``DollyLLM.stream`` yields it."""
+        options = self._sampling(kwargs)
+        items = self.runtime.stream(self._encode_instruction(prompt, options), options, self._stops(None),
+                                    timeout=self._timeout(kwargs))
+        for item in items:
+            if isinstance(item, str):
+                yield item

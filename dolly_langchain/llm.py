@@ -34,7 +34,6 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import ConfigDict
 
 from dolly_langchain.codec import StreamingResponse
-from dolly_langchain.errors import DollyValueError
 from dolly_langchain.generation import EMBEDDED_MODEL_LABEL
 from dolly_langchain.lc_common import DollyModelFields
 from dolly_langchain.runtime import Completion
@@ -106,9 +105,7 @@ class DollyLLM(DollyModelFields, BaseLLM):
     # -- generation ------------------------------------------------------------------------------------------
 
     def _encode(self, prompt: str, options) -> list[int]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DollyValueError("the prompt is empty: give DollyLLM an instruction to answer")
-        return self._checked(self.codec.encode_prompt(prompt), options)
+        return self._encode_instruction(prompt, options)
 
     def _generate(
         self,

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("the instruction is empty; pass the text to answer, e.g. dolly ask \"Name three colors.\"")
     context = _read_context(args)
     started = time.perf_counter()
-    llm = load_llm(args)
+    llm = load_llm(args, langchain=False)  # DollyLLM's answers without LangChain's import (half a second)
     loaded = time.perf_counter()
     prompt = _render(instruction, context)
     if args.stream and not args.json:
@@ -77,9 +77,7 @@ def _read_context(args: argparse.Namespace) -> str | None:
 
 
 def _render(instruction: str, context: str | None) -> str:
-    from dolly_langchain.prompts import INSTRUCTION_PROMPT, INSTRUCTION_WITH_CONTEXT_PROMPT
+    from dolly_langchain.prompts import instruction_text
 
-    if context:
-        return INSTRUCTION_WITH_CONTEXT_PROMPT.format(instruction=instruction, context=context)
-    return INSTRUCTION_PROMPT.format(instruction=instruction)
+    return instruction_text(instruction, context)
 
