@@ -29,6 +29,7 @@ __all__ = ["build_parser", "main", "run_command"]
 
 def build_parser(prog: str = "dolly") -> argparse.ArgumentParser:
     """The whole ``dolly`` tree: ask, chat, rag (index, ask, remove), serve, eval, finetune (plan)."""
+    from dolly_langchain.batch import cli as batch
     from dolly_langchain.cli import ask, chat
     from dolly_langchain.evaluation import cli as evaluation
     from dolly_langchain.rag import cli as rag
@@ -40,7 +41,7 @@ def build_parser(prog: str = "dolly") -> argparse.ArgumentParser:
         "evaluate and fine-tune."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (ask, chat, rag, serve, evaluation, finetune):
+    for module in (ask, chat, rag, serve, batch, evaluation, finetune):
         module.register(commands)
     return parser
 

@@ -141,3 +141,101 @@ class DocumentIndex(IndexFile, Ingestion, Retrieval, BaseRetriever):
         if self.embeddings is not None and self.embeddings_id is None:
             self.embeddings_id = embeddings_identity(self.embeddings)
         return self
+
+    # -- chunks embedded elsewhere (dolly batch --embed) ----------------------------------------------------------
+
+    def chunk_settings(self) -> dict[str, Any]:
+        """What an index checks before it takes chunks cut and embedded elsewhere: the tokenizer's fingerprint, the
+        chunk settings and the embeddings' name."""
+        return {"tokenizer_fingerprint": self._fingerprint, "chunk_tokens": self.chunk_tokens,
+                "chunk_overlap": self.chunk_overlap, "embeddings_id": self.embeddings_id}
+
+    def chunk_documents(self, source: str, documents: list) -> list[dict[str, Any]]:
+        """The chunks this index would store for ``documents`` under ``source``, without writing anything:
+        ``{"chunk_id", "source", "position", "text", "metadata", "content_hash"}`` each (``dolly batch --embed``
+        cuts them on Spark workers with this)."""
+        names = ("chunk_id", "source", "position", "text", "metadata", "content_hash")
+        return [dict(zip(names, row)) for row in self._chunk_rows(source, documents)]
+
+    def add_embedded(self, chunks: Any, *, progress: bool = False) -> IngestReport:
+        """Add chunks already cut and embedded by ``dolly batch --embed`` (a pandas DataFrame, or the Parquet file or
+        directory it wrote), without embedding anything again.
+
+        Each source is one transaction, as in :meth:`add_documents`, and an unchanged source is skipped. The chunks
+        must come from this index's tokenizer, chunk settings and embeddings (recorded in their
+        ``index_settings`` column); others raise :class:`IndexMismatchError` saying what to rerun. Rows with an
+        ``error`` (documents without text) are reported as failed.
+        """
+        import hashlib
+        import json
+
+        import numpy as np
+        from tqdm.auto import tqdm
+
+        from dolly_langchain.rag.ingest import _insert_chunks
+        from dolly_langchain.rag.store import normalise, utc_now
+
+        frame = _chunk_frame(chunks)
+        report = IngestReport()
+        failed = frame["error"].notna()
+        for source, error in frame.loc[failed, ["source", "error"]].itertuples(index=False):
+            report.failed.append((str(source), f"{source}: {error}"))
+        frame = frame[~failed]
+        if frame.empty:
+            return report
+        self._check_embedded_settings([json.loads(text) for text in frame["index_settings"].unique()])
+        try:
+            for source, group in tqdm(frame.groupby("source", sort=True), desc="loading", unit="source",
+                                      disable=not progress):
+                group = group.sort_values("position")
+                content_hash = str(group["source_hash"].iloc[0])
+                previous = self._source_hash(str(source))
+                if previous == content_hash:
+                    report.skipped.append(str(source))
+                    continue
+                rows = [(r.chunk_id, str(source), int(r.position), r.chunk, r.chunk_metadata,
+                         hashlib.sha256(r.chunk.encode()).hexdigest()) for r in group.itertuples(index=False)]
+                vectors = normalise(np.asarray(np.stack(group["embedding"].map(np.asarray)), dtype=np.float32))
+                with self._transaction() as con:
+                    self._check_writable(con, vectors)
+                    self._checked = True
+                    con.execute("DELETE FROM chunks WHERE source = ?", (str(source),))
+                    _insert_chunks(con, rows, vectors)
+                    con.execute("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?)",
+                                (str(source), content_hash, len(rows), utc_now()))
+                (report.added if previous is None else report.replaced).append(str(source))
+                report.chunks += len(rows)
+        finally:
+            self._checkpoint()
+        return report
+
+    def _check_embedded_settings(self, recorded: list[dict[str, Any]]) -> None:
+        ours = self.chunk_settings()
+        for settings in recorded:
+            for name in ("tokenizer_fingerprint", "chunk_tokens", "chunk_overlap", "embeddings_id"):
+                if settings.get(name) != ours[name]:
+                    raise IndexMismatchError(
+                        f"{self.path}: these chunks were cut or embedded with {name}={settings.get(name)!r}, this "
+                        f"index uses {ours[name]!r}; open the index with the model, chunk settings and embeddings of "
+                        "the batch job, or rerun dolly batch --embed with this index's (--model, --embeddings)"
+                    )
+
+
+def _chunk_frame(chunks: Any):
+    """``dolly batch --embed``'s output as a pandas DataFrame: one given, or read from its Parquet file or
+    directory."""
+    import pandas as pd
+
+    if isinstance(chunks, pd.DataFrame):
+        frame = chunks
+    else:
+        path = Path(chunks)
+        if not path.exists():
+            raise IndexFileError(f"no chunks at {path}: pass the OUTPUT of dolly batch --embed (Parquet)")
+        frame = pd.read_parquet(path)
+    needed = {"source", "chunk_id", "position", "chunk", "chunk_metadata", "source_hash", "embedding",
+              "index_settings", "error"}
+    missing = sorted(needed - set(frame.columns))
+    if missing:
+        raise DollyValueError(f"these are not chunks from dolly batch --embed: columns {missing} are missing")
+    return frame
