@@ -20,6 +20,7 @@ from dolly_langchain.batch.frames import (
     generate_batch,
     measure,
     plan_batches,
+    rename_clashes,
 )
 from dolly_langchain.errors import DollyTypeError, DollyValueError
 from dolly_langchain.generation import DEFAULT_BATCH_SIZE, DEFAULT_GENERATION
@@ -139,21 +140,6 @@ def _run_local(pdf, spec: GenerateSpec, progress: bool):
         return generate_batch(planned, spec)
     out = pd.concat(answered)
     return out.loc[pdf.index].reset_index(drop=True)  # the input's order
-
-
-def clashes(columns: list[str], added: tuple[str, ...]) -> dict[str, str]:
-    """Input columns named like an output column (dolly-15k has its human ``response``): kept as ``input_NAME``."""
-    renamed = {name: f"input_{name}" for name in columns if name in added}
-    taken = [new for new in renamed.values() if new in columns]
-    if taken:
-        raise DollyValueError(f"the input has columns {sorted(renamed)} and {taken}: the output adds {list(added)} and "
-                              f"would keep the input's as {taken}; rename them first")
-    return renamed
-
-
-def rename_clashes(pdf, added: tuple[str, ...]):
-    renamed = clashes(list(pdf.columns), added)
-    return pdf.rename(columns=renamed) if renamed else pdf
 
 
 def with_id(pdf, id_column: str):

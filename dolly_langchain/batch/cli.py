@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 
-from dolly_langchain.clitools import CLIError, add_model_arguments, positive_int
+from dolly_langchain.clitools import CLIError, add_model_arguments, int_at_least, non_negative_int, positive_int
 
 HELP = "answer or embed every record of a file or table (in-process or on Spark)"
 PARSER_OPTIONS = {"description": "Answer every record of INPUT with the model (or, with --embed, chunk and embed "
@@ -54,6 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="--embed: column holding the text (default: text)")
     parser.add_argument("--embeddings", default="minilm", metavar="NAME",
                         help="--embed: 'minilm' (offline all-MiniLM-L6-v2, the default), an encoder directory or hub id")
+    parser.add_argument("--chunk-tokens", type=int_at_least(16, "chunk_tokens"), default=None, metavar="N",
+                        help="--embed: most tokens per chunk, as dolly rag index --chunk-tokens (default 256)")
+    parser.add_argument("--chunk-overlap", type=non_negative_int, default=None, metavar="N",
+                        help="--embed: tokens shared by neighbouring chunks (default 32)")
     parser.add_argument("--fail-fast", action="store_true",
                         help="stop at the first row that cannot be answered, instead of recording its error")
     parser.set_defaults(run=run)
@@ -91,8 +95,13 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError("a .delta OUTPUT is a Delta table: it needs --spark (and delta-spark installed)")
     if args.input == args.output:
         raise CLIError(f"INPUT and OUTPUT are the same path ({args.input}); write the results elsewhere")
-    if not args.embed and args.text_column != "text":
-        raise CLIError("--text-column is for --embed; to answer, name the instruction with --instruction-column")
+    if not args.embed:
+        for flag, value, default in (("--text-column", args.text_column, "text"),
+                                     ("--embeddings", args.embeddings, "minilm"),
+                                     ("--chunk-tokens", args.chunk_tokens, None),
+                                     ("--chunk-overlap", args.chunk_overlap, None)):
+            if value != default:
+                raise CLIError(f"{flag} is for --embed; to answer, name the instruction with --instruction-column")
 
 
 def _generate_options(args: argparse.Namespace) -> dict:
@@ -110,7 +119,8 @@ def _generate_options(args: argparse.Namespace) -> dict:
 
 def _embed_options(args: argparse.Namespace) -> dict:
     return {"text_column": args.text_column, "id_column": args.id_column, "model": args.model,
-            "embeddings": args.embeddings, "batch_size": args.batch_size or 32, "fail_fast": args.fail_fast}
+            "embeddings": args.embeddings, "chunk_tokens": args.chunk_tokens, "chunk_overlap": args.chunk_overlap,
+            "batch_size": args.batch_size or 32, "fail_fast": args.fail_fast}
 
 
 def _run_local(args: argparse.Namespace) -> str:

@@ -91,6 +91,21 @@ class EmbedSpec:
     extra: dict = field(default_factory=dict, compare=False)
 
 
+def clashes(columns: list[str], added: tuple[str, ...]) -> dict[str, str]:
+    """Input columns named like an output column (dolly-15k has its human ``response``): kept as ``input_NAME``."""
+    renamed = {name: f"input_{name}" for name in columns if name in added}
+    taken = [new for new in renamed.values() if new in columns]
+    if taken:
+        raise DollyValueError(f"the input has columns {sorted(renamed)} and {taken}: the output adds {list(added)} and "
+                              f"would keep the input's as {taken}; rename them first")
+    return renamed
+
+
+def rename_clashes(pdf, added: tuple[str, ...]):
+    renamed = clashes(list(pdf.columns), added)
+    return pdf.rename(columns=renamed) if renamed else pdf
+
+
 # -- one model per process ---------------------------------------------------------------------------------------
 
 _CACHE: dict[tuple, Any] = {}

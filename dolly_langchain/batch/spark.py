@@ -33,6 +33,7 @@ from dolly_langchain.batch.frames import (
     TOKENS,
     EmbedSpec,
     GenerateSpec,
+    clashes,
     embed_batch,
     generate_batch,
     measure,
@@ -108,7 +109,6 @@ def run_generate(df, spec: GenerateSpec, batch_function=generate_batch):
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
-    from dolly_langchain.batch.api import clashes
 
     df = _renamed(df, clashes(df.columns, GENERATE_COLUMNS))
     _check_column(df, spec.instruction_column, "instruction_column", "--instruction-column")
@@ -161,7 +161,6 @@ def run_embed(df, spec: EmbedSpec):
     """The Spark job of :func:`~dolly_langchain.batch.api.embed_dataframe`: one row per chunk (lazy)."""
     from pyspark.sql.types import ArrayType, FloatType, LongType, StringType, StructField, StructType
 
-    from dolly_langchain.batch.api import clashes
 
     df = _renamed(df, clashes(df.columns, EMBED_COLUMNS))
     _check_column(df, spec.text_column, "text_column", "--text-column")

@@ -210,6 +210,10 @@ class DocumentIndex(IndexFile, Ingestion, Retrieval, BaseRetriever):
         return report
 
     def _check_embedded_settings(self, recorded: list[dict[str, Any]]) -> None:
+        if self.embeddings is None:
+            named = sorted({str(settings.get("embeddings_id")) for settings in recorded})
+            raise DollyValueError(f"{self.path}: loading embedded chunks needs the embeddings they were made with "
+                                  f"({', '.join(named)}) to answer queries: pass embeddings=")
         ours = self.chunk_settings()
         for settings in recorded:
             for name in ("tokenizer_fingerprint", "chunk_tokens", "chunk_overlap", "embeddings_id"):
