@@ -174,3 +174,16 @@ def test_command_on_spark_writes_every_row_once(spark, memorized_neox_dir, tmp_p
     assert "empty instruction" in out["error"].iloc[3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answers", "in.jsonl"]  # no temporary directory left
     assert not spark.sparkContext._jsc.sc().isStopped()  # the command did not stop a session it did not start
+
+
+def test_fail_fast_on_spark_stops_the_job_with_one_line_and_writes_nothing(spark, memorized_neox_dir, tmp_path,
+                                                                             capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": 7, "instruction": "Name a primary color."}) + "\n"
+                      + json.dumps({"id": 8, "instruction": " "}) + "\n", encoding="utf-8")
+    code = main(["batch", str(source), str(tmp_path / "out"), "--spark", "local[2]", "--model",
+                 str(memorized_neox_dir), "--engine", "transformers", "--max-new-tokens", "4", "--fail-fast"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "the Spark job failed" in err[-1] and "row id=8: empty instruction" in err[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
