@@ -348,13 +348,9 @@ def embed_batch(pdf, spec: EmbedSpec):
 def source_digest(documents) -> str:
     """The content hash ``DocumentIndex.add_documents`` records for a source (text and metadata), so an index that
     loads these chunks skips the source when the same document is added again."""
-    import hashlib
+    from dolly_langchain.rag.ingest import source_digest as index_digest
 
-    digest = hashlib.sha256()
-    for document in documents:
-        digest.update(document.page_content.encode())
-        digest.update(json.dumps(document.metadata, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+    return index_digest(documents)
 
 
 def _json_safe(value: Any) -> Any:

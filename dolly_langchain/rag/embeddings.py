@@ -15,8 +15,9 @@ The encoder truncates at ``max_length`` tokens (256 for MiniLM): the index embed
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -39,6 +40,9 @@ class MeanPoolingEmbeddings(BaseModel, Embeddings):
     """Texts per forward pass."""
     max_length: int = Field(default=256, ge=8)
     """Tokens per text; longer texts are truncated (MiniLM was trained on at most 256)."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """``float32``, or ``bfloat16``: the encoder's matmuls in bfloat16 under ``torch.autocast`` (faster on CPUs
+    with AVX512-BF16 or AMX and on GPUs; MiniLM's vectors stay within cosine 0.9999 of float32's)."""
 
     _model: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
@@ -74,13 +78,17 @@ class MeanPoolingEmbeddings(BaseModel, Embeddings):
         features = tokenizer(list(texts), truncation=True, max_length=self.max_length)
         order = sorted(range(len(texts)), key=lambda i: len(features["input_ids"][i]))
         vectors: list[list[float]] = [[] for _ in texts]
-        with torch.inference_mode():
+        precision = (
+            torch.autocast(model.device.type, dtype=torch.bfloat16) if self.precision == "bfloat16"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), precision:
             for start in range(0, len(order), self.batch_size):
                 chosen = order[start : start + self.batch_size]
                 batch = tokenizer.pad(
                     {name: [values[i] for i in chosen] for name, values in features.items()}, return_tensors="pt"
                 )
-                hidden = model(**batch).last_hidden_state
+                hidden = model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 for i, vector in zip(chosen, torch.nn.functional.normalize(pooled, dim=-1).tolist()):

@@ -171,11 +171,7 @@ class Ingestion:
                 if not group:
                     report.failed.append((source, f"{source}: no text to index (every document is empty)"))
                     continue
-                digest = hashlib.sha256()
-                for document in group:
-                    digest.update(document.page_content.encode())
-                    digest.update(json.dumps(document.metadata, sort_keys=True, default=str).encode())
-                self._add_source(source, group, digest.hexdigest(), report, pending)
+                self._add_source(source, group, source_digest(group), report, pending)
             self._write_pending(pending, report)
         finally:
             self._checkpoint()
@@ -346,6 +342,16 @@ def _insert_chunks(con: sqlite3.Connection, rows: list[tuple], vectors: np.ndarr
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         [(*row, blob) for row, blob in zip(rows, blobs)],
     )
+
+
+def source_digest(documents: Iterable[Document]) -> str:
+    """The content hash recorded for a source made of ``documents`` (their text and metadata, in order): a source
+    added again with the same hash is skipped."""
+    digest = hashlib.sha256()
+    for document in documents:
+        digest.update(document.page_content.encode())
+        digest.update(json.dumps(document.metadata, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 @dataclass
