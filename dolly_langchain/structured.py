@@ -190,8 +190,44 @@ class JsonGrammar:
 
 def _grammar_text(schema_json: str | None) -> str:
     """llguidance's grammar for a schema's JSON text (``None``: any JSON object)."""
-    schema = _ANY_OBJECT if schema_json is None else schema_json
+    schema = _ANY_OBJECT if schema_json is None else json.dumps(_closed_objects(json.loads(schema_json)))
     return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_COMPILE_OPTIONS)
+
+
+# Where a JSON schema holds subschemas: keyword -> how (one schema, a list of them, or a name -> schema mapping).
+_SUBSCHEMAS = {
+    "items": "one_or_list", "additionalProperties": "one", "not": "one", "if": "one", "then": "one", "else": "one",
+    "contains": "one", "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list",
+    "properties": "mapping", "patternProperties": "mapping", "$defs": "mapping", "definitions": "mapping",
+}
+
+
+def _closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on each object schema that lists ``properties`` and does not
+    say whether others may appear.
+
+    JSON Schema allows undeclared keys by default (pydantic's and pydantic.v1's schemas leave the keyword out), and
+    a grammar that allows them lets a small model invent keys ("has no similar creatures" next to setup and
+    punchline); callers of ``with_structured_output`` expect the fields they declared, as with OpenAI's strict
+    mode. The output still validates against the schema as given; say ``"additionalProperties": true`` to allow
+    other keys.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for keyword, kind in _SUBSCHEMAS.items():
+        value = closed.get(keyword)
+        if kind == "mapping" and isinstance(value, dict):
+            closed[keyword] = {name: _closed_objects(sub) for name, sub in value.items()}
+        elif kind in ("list", "one_or_list") and isinstance(value, list):
+            closed[keyword] = [_closed_objects(sub) for sub in value]
+        elif kind in ("one", "one_or_list") and isinstance(value, dict):
+            closed[keyword] = _closed_objects(value)
+    if isinstance(closed.get("properties"), dict) and not any(
+        keyword in closed for keyword in ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    ):
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _llguidance():

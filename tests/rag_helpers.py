@@ -15,6 +15,8 @@ from pathlib import Path
 
 from langchain_core.embeddings import Embeddings
 
+from dolly_langchain.rag.embeddings import MeanPoolingEmbeddings
+
 # Words the fake model treats as one: a query for "automobile" is close to a passage about a "car", which shares no
 # word with it (BM25 cannot find it, dense retrieval can).
 SYNONYMS = {"automobile": "car", "vehicle": "car", "cars": "car", "physician": "doctor", "medic": "doctor"}
@@ -46,6 +48,16 @@ class HashEmbeddings(Embeddings):
 
 class OtherHashEmbeddings(HashEmbeddings):
     """Another "model" (another class, so another recorded identity)."""
+
+
+class QueriesOnlyEmbeddings(MeanPoolingEmbeddings):
+    """The packaged MiniLM, refusing to embed more than one text per call: an index that loads precomputed chunk
+    vectors (``DocumentIndex.add_embedded``) must only ever embed queries."""
+
+    def embed_documents(self, texts):
+        if len(texts) > 1:
+            raise AssertionError("the index embedded chunks again")
+        return super().embed_documents(texts)
 
 
 def write_pdf(path: Path, pages: list[str]) -> Path:

@@ -9,6 +9,7 @@ import json
 import pandas as pd
 import pytest
 from langchain_core.documents import Document
+from rag_helpers import QueriesOnlyEmbeddings
 
 from dolly_langchain.cli import main
 
@@ -42,14 +43,8 @@ def test_embed_command_writes_chunks_an_index_loads_without_embedding_again(tmp_
     assert all(len(vector) == 384 for vector in good["embedding"])
     assert (good["chunk_tokens"] <= 16).all()
 
-    class NoDocumentEmbedding(MeanPoolingEmbeddings):
-        def embed_documents(self, texts):
-            if len(texts) > 1:
-                raise AssertionError("the index embedded chunks again")
-            return super().embed_documents(texts)
-
     tokenizer = load_tokenizer()
-    loaded = DocumentIndex(path=tmp_path / "loaded.sqlite", tokenizer=tokenizer, embeddings=NoDocumentEmbedding(),
+    loaded = DocumentIndex(path=tmp_path / "loaded.sqlite", tokenizer=tokenizer, embeddings=QueriesOnlyEmbeddings(),
                            chunk_tokens=16, chunk_overlap=4, k=5, search_type="dense")
     report = loaded.add_embedded(out)
     assert report.counts()["added"] == 4 and report.failed[0][0] == "empty"

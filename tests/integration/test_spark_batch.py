@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from conftest import _USER_CACHE, MEMORIZED
 from langchain_core.documents import Document
+from rag_helpers import QueriesOnlyEmbeddings
 
 from dolly_langchain.batch import embed_dataframe, generate_dataframe
 from dolly_langchain.batch.frames import GenerateSpec, generate_batch
@@ -135,14 +136,8 @@ def test_chunk_vectors_from_spark_load_into_an_index_with_the_same_top5(spark, t
     chunks = embed_dataframe(spark.createDataFrame(records).repartition(3), chunk_tokens=32).toPandas()
     assert chunks["error"].isna().all() and len(chunks) > len(records)  # long texts: several chunks
 
-    class NoDocumentEmbedding(MeanPoolingEmbeddings):
-        def embed_documents(self, texts):
-            if len(texts) > 1:
-                raise AssertionError("the index embedded chunks again")
-            return super().embed_documents(texts)
-
     tokenizer = load_tokenizer()
-    loaded = DocumentIndex(path=tmp_path / "loaded.sqlite", tokenizer=tokenizer, embeddings=NoDocumentEmbedding(),
+    loaded = DocumentIndex(path=tmp_path / "loaded.sqlite", tokenizer=tokenizer, embeddings=QueriesOnlyEmbeddings(),
                            chunk_tokens=32, k=5)
     report = loaded.add_embedded(chunks)
     assert report.counts()["added"] == len(records) and report.chunks == len(chunks)

@@ -155,8 +155,16 @@ def test_json_mode_accepts_any_object_and_only_objects(vocab):
         ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a"],
           "additionalProperties": False}, ['{"a": 1}', '{"a": 1, "b": 2}'], ['{"b": 2}', '{"a": 1, "z": 2}']),
         ({"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, ['"ABC-12"'], ['"abc-12"', '"ABC-123"']),
+        # a schema that does not say (pydantic's, pydantic.v1's) gets only its declared keys, nested ones too
+        ({"type": "object", "properties": {"setup": {"type": "string"}, "inner": {"$ref": "#/$defs/Inner"}},
+          "required": ["setup"], "$defs": {"Inner": {"type": "object", "properties": {"x": {"type": "integer"}}}}},
+         ['{"setup": "a"}', '{"setup": "a", "inner": {"x": 1}}'],
+         ['{"setup": "a", "other": "b"}', '{"setup": "a", "inner": {"x": 1, "y": 2}}']),
+        ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+          "additionalProperties": True}, ['{"a": 1}', '{"a": 1, "z": 2}'], ['{"z": 2}']),
     ],
-    ids=["enum", "min-max-items", "numeric-bounds", "optional-and-no-extra-properties", "pattern"],
+    ids=["enum", "min-max-items", "numeric-bounds", "optional-and-no-extra-properties", "pattern",
+         "undeclared-keys-refused-by-default", "undeclared-keys-allowed-when-asked"],
 )
 def test_schema_rules_are_enforced(dolly_tokenizer, schema, good, bad):
     vocab = (dolly_tokenizer, [dolly_tokenizer.eos_token_id])
