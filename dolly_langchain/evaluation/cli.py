@@ -14,14 +14,16 @@ Launch commands (``dolly-eval ARGS`` and ``python -m finetune.evaluate ARGS`` ar
 MODEL is a hub id, a local directory, a ``dolly-finetune`` run directory, or nothing for the embedded model.
 
 The card table (``--tasks``, default all seven when ``--generation`` is not given) runs EleutherAI's
-lm-evaluation-harness with its official task definitions; only the data source changes (``--data-dir``, default
+lm-evaluation-harness with its official task definitions, scored through this library's engines (``--engine``:
+transformers by default, whose scores equal lm-eval's ``HFLM``; each shared context is computed once for its
+choices, see ``dolly_langchain/evaluation/lm.py``); only the data source changes (``--data-dir``, default
 ``$DOLLY_EVAL_DIR``: the authors' original files, see ``dolly_langchain/evaluation/taskdata.py``; without it, the hub
 datasets lm-eval normally downloads). It prints the card's row format with standard errors and the card's published
 rows, and writes ``OUTPUT/results.json`` and ``OUTPUT/card.png``. Metrics are the card's: acc_norm for openbookqa,
 arc_easy, arc_challenge, hellaswag and piqa, acc for winogrande and boolq (``dolly_langchain/evaluation/card.py`` says
 how that was checked). ``--samples N`` scores a seeded random N documents per task, and every printed number says so.
-Results are cached per (model fingerprint, task, sample) under ``~/.cache/dolly_langchain/eval``
-(``$DOLLY_LANGCHAIN_CACHE`` moves it), each request as it completes, so an interrupted run resumes.
+Results are cached per (model fingerprint, engine and compute type, task, sample) under
+``~/.cache/dolly_langchain/eval`` (``$DOLLY_LANGCHAIN_CACHE`` moves it), each request as it completes, so an interrupted run resumes.
 
 ``--generation`` answers held-out dolly-15k instructions greedily through ``DollyLLM`` (see
 ``dolly_langchain/evaluation/generation.py``): ROUGE-L, the share of answers that ended by themselves, mean length,
@@ -37,14 +39,21 @@ from collections.abc import Sequence
 from dolly_langchain.clitools import positive_int, run_command
 from dolly_langchain.evaluation.card import CARD_TASKS
 from dolly_langchain.evaluation.runner import (
+    DEFAULT_ENGINE,
     DEFAULT_GENERATION_SAMPLES,
     DEFAULT_OUTPUT,
+    EVAL_ENGINE_CHOICES,
     configure_logging,
     evaluate,
     resolve_device,
     resolve_tasks,
 )
-from dolly_langchain.generation import DEFAULT_BATCH_SIZE, DEFAULT_GENERATION, DEVICES, ENGINES
+from dolly_langchain.generation import (
+    COMPUTE_TYPE_CHOICES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GENERATION,
+    DEVICES,
+)
 
 __all__ = ["HELP", "PARSER_OPTIONS", "build_parser", "configure", "main", "parse_args", "register", "run"]
 
@@ -89,6 +98,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Directory with the tasks' original files (default $DOLLY_EVAL_DIR); unset: lm-eval's hub datasets.")
     add("--output", default=DEFAULT_OUTPUT, help="Where results.json, card.png and generation.md are written.")
     add("--device", choices=DEVICES, help="Where the model runs (default: cuda if available, else cpu).")
+    add("--engine", choices=EVAL_ENGINE_CHOICES, default=DEFAULT_ENGINE,
+        help=f"What scores the lm-eval table and answers --generation (default: {DEFAULT_ENGINE}, in the "
+        "checkpoint's dtype: the reference, equal to lm-eval's HFLM). ctranslate2: CTranslate2 (int8 on CPU unless "
+        "--compute-type), faster, scores slightly off fp32; auto: ctranslate2 for the embedded model when "
+        "installed, transformers otherwise (as dolly ask).")
+    add("--compute-type", default="auto", choices=COMPUTE_TYPE_CHOICES, metavar="TYPE",
+        help="ctranslate2 only: auto (default) is int8 on CPU and int8_float16 on CUDA; float32 for scores "
+        "equal to the transformers engine's to rounding.")
     gen = parser.add_argument_group("instruction following")
     gen.add_argument("--generation", action="store_true",
                      help="Answer held-out dolly-15k instructions (a run's held-out records, else a seeded sample "
@@ -98,8 +115,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "(default $DOLLY_15K_PATH).")
     gen.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_GENERATION["max_new_tokens"],
                      help=f"Longest answer (Dolly's default: {DEFAULT_GENERATION['max_new_tokens']}).")
-    gen.add_argument("--engine", choices=ENGINES, default="transformers",
-                     help="Generation engine; transformers (fp32 on CPU) is the reference.")
     parser.set_defaults(run=run)
 
 
@@ -109,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     evaluate(args.models, tasks=args.tasks, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
              data_dir=args.data_dir, output=args.output, device=args.device, generation=args.generation,
-             dolly_data=args.dolly_data, max_new_tokens=args.max_new_tokens, engine=args.engine)
+             dolly_data=args.dolly_data, max_new_tokens=args.max_new_tokens, engine=args.engine,
+             compute_type=args.compute_type)
     return 0
 
 

@@ -23,13 +23,25 @@ from typing import Any
 from dolly_langchain.errors import EXIT_USAGE, DollyError
 from dolly_langchain.evaluation.card import CARD_TASKS
 from dolly_langchain.files import write_json_atomically, write_text_atomically
-from dolly_langchain.generation import DEFAULT_BATCH_SIZE, DEFAULT_GENERATION, EMBEDDED_MODEL_LABEL, ENGINES
+from dolly_langchain.generation import (
+    COMPUTE_TYPE_CHOICES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GENERATION,
+    EMBEDDED_MODEL_LABEL,
+    ENGINE_CHOICES,
+)
 
-__all__ = ["DEFAULT_GENERATION_SAMPLES", "DEFAULT_OUTPUT", "EvalError", "EvalSettings", "after_training", "evaluate",
-           "run"]
+__all__ = ["DEFAULT_ENGINE", "DEFAULT_GENERATION_SAMPLES", "DEFAULT_OUTPUT", "EVAL_ENGINE_CHOICES", "EvalError",
+           "EvalSettings", "after_training", "evaluate", "run"]
 
 DEFAULT_OUTPUT = "dolly-eval-results"
 DEFAULT_GENERATION_SAMPLES = 200
+#: The engine ``dolly eval`` scores and generates on (``--engine``): transformers in the checkpoint's dtype (fp32 for
+#: the embedded model), whose lm-eval scores equal lm-eval's own ``HFLM``. ``ctranslate2``/``auto`` are faster on
+#: CPU in int8, at a cost the README's Evaluate section measures.
+DEFAULT_ENGINE = "transformers"
+#: ``--engine``'s choices: the engines :class:`~dolly_langchain.evaluation.lm.DollyEvalLM` can score on, and auto.
+EVAL_ENGINE_CHOICES = tuple(e for e in ENGINE_CHOICES if e in ("auto", "transformers", "ctranslate2"))
 
 
 class EvalError(DollyError, RuntimeError):
@@ -55,6 +67,9 @@ class EvalSettings:
     dolly_data: str | None
     max_new_tokens: int
     engine: str
+    """``--engine``: the lm-eval table and ``--generation`` run on it (``auto``: as ``dolly ask`` picks)."""
+    compute_type: str = "auto"
+    """``--compute-type``: CTranslate2's (``auto``: int8 on CPU, int8_float16 on CUDA)."""
 
 
 def evaluate(
@@ -70,14 +85,16 @@ def evaluate(
     generation: bool = False,
     dolly_data: str | Path | None = None,
     max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"],
-    engine: str = "transformers",
+    engine: str = DEFAULT_ENGINE,
+    compute_type: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``models`` (none: the embedded model) and write ``output/results.json``; return the results.
 
     ``tasks``: card tasks (``None``: all seven, unless ``generation`` alone); ``samples``: a seeded random N
     documents per task / records (``None``: full splits); ``data_dir``: the tasks' original files (``None``:
     lm-eval's hub datasets); ``generation``: answer held-out dolly-15k records (a run's, else ``dolly_data``);
-    ``device``: ``None`` picks cuda when available. Raises :class:`EvalError` for inputs the user can fix.
+    ``device``: ``None`` picks cuda when available; ``engine``/``compute_type``: what scores the table and
+    generates (see :data:`DEFAULT_ENGINE`). Raises :class:`EvalError` for inputs the user can fix.
     """
     tasks = resolve_tasks(tasks, generation)
     unknown = [t for t in tasks if t not in CARD_TASKS]
@@ -86,13 +103,16 @@ def evaluate(
     for name, value in (("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value is not None and value < 1:
             raise EvalError(f"{name} must be at least 1, got {value}")
-    if engine not in ENGINES:
-        raise EvalError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
+    if engine not in EVAL_ENGINE_CHOICES:
+        raise EvalError(f"--engine: unknown engine {engine!r}; use one of: {', '.join(EVAL_ENGINE_CHOICES)}")
+    if compute_type not in COMPUTE_TYPE_CHOICES:
+        raise EvalError(f"--compute-type: unknown compute type {compute_type!r}; use one of: "
+                        f"{', '.join(COMPUTE_TYPE_CHOICES)}")
     settings = EvalSettings(
         models=tuple(models), tasks=tasks, samples=samples, seed=seed, batch_size=batch_size,
         data_dir=None if data_dir is None else str(data_dir), output=Path(output), device=resolve_device(device),
         generation=generation, dolly_data=None if dolly_data is None else str(dolly_data),
-        max_new_tokens=max_new_tokens, engine=engine,
+        max_new_tokens=max_new_tokens, engine=engine, compute_type=compute_type,
     )
     return run(settings)
 
@@ -159,6 +179,8 @@ def _settings(args: EvalSettings) -> dict[str, Any]:
         "seed": args.seed,
         "device": args.device,
         "data_dir": args.data_dir,
+        "engine": args.engine,
+        "compute_type": getattr(args, "compute_type", "auto"),
         "lm_eval_version": importlib.metadata.version("lm_eval"),
     }
 
@@ -219,7 +241,7 @@ def _score_model(args, model_id, tasks, docs, errors):
         path = resolve_model_path(model_id)
     except ModelNotFoundError as err:
         raise EvalError(str(err)) from None
-    fingerprint = harness.model_fingerprint(path, extra=args.device)
+    fingerprint = harness.model_fingerprint(path, extra=engine_key(model_id, args))
     # The request cache holds pickles: refuse (one line) a cache that is not the user's alone before the model loads.
     harness.private_cache_dir(fingerprint)
     scores: dict[str, Any] = {}
@@ -243,16 +265,43 @@ def _score_model(args, model_id, tasks, docs, errors):
     return label, scores, time.perf_counter() - start
 
 
+def engine_key(model_id, args) -> str:
+    """What the cached results of a model depend on besides its weights: device, engine and compute type
+    (``--engine auto`` and ``--compute-type auto`` resolved, so equal settings share a cache)."""
+    from dolly_langchain.runtime import resolve_engine
+
+    compute_type = getattr(args, "compute_type", "auto")
+    engine = args.engine
+    if engine == "auto" and compute_type not in (None, "auto"):
+        engine = "ctranslate2"  # a compute type picks CTranslate2, as dolly_langchain.runtime.load_runtime does
+    try:
+        engine = resolve_engine(engine, model_id)
+        if engine == "ctranslate2":
+            from dolly_langchain.engines.ctranslate2_engine import resolve_compute_type
+
+            compute_type = resolve_compute_type(compute_type, args.device)
+        elif compute_type not in (None, "auto"):
+            raise EvalError(f"--compute-type {compute_type} is a CTranslate2 option; pass --engine ctranslate2 (or "
+                            "leave --compute-type at auto for the transformers engine)")
+        else:
+            compute_type = "checkpoint-dtype"
+    except ValueError as err:  # an engine this machine cannot run (no ctranslate2, no GPU for it)
+        raise EvalError(f"--engine {args.engine}: {err}") from None
+    return f"{args.device}|{engine}|{compute_type}"
+
+
 def _load_lm(model_id, args):
-    from dolly_langchain.evaluation.harness import make_lm
-    from dolly_langchain.models import ModelNotFoundError, load_model_and_tokenizer
+    """lm-eval's LM over this library's engine (``--engine``, ``--compute-type``, ``--device``)."""
+    from dolly_langchain.evaluation.lm import load_eval_lm
+    from dolly_langchain.models import ModelNotFoundError
 
     try:
-        model, tokenizer = load_model_and_tokenizer(model_id)
+        return load_eval_lm(model_id, engine=args.engine, compute_type=getattr(args, "compute_type", "auto"),
+                            device=args.device, batch_size=args.batch_size)
     except ModelNotFoundError as err:
         raise EvalError(str(err)) from None
-    model.to(args.device)
-    return make_lm(model, tokenizer, args.batch_size)
+    except (ImportError, ValueError) as err:  # an engine option this model or machine cannot take
+        raise EvalError(f"--engine {args.engine}: {err}") from None
 
 
 def run_generation(args: EvalSettings, output: Path) -> dict[str, Any]:
@@ -266,8 +315,10 @@ def run_generation(args: EvalSettings, output: Path) -> dict[str, Any]:
     for model_id in args.models or [None]:
         label = model_id or EMBEDDED_MODEL_LABEL
         try:
-            llm = DollyLLM.from_model_id(model_id, engine=args.engine, device=args.device, do_sample=False,
-                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            llm = DollyLLM.from_model_id(model_id, engine=args.engine,
+                                         compute_type=getattr(args, "compute_type", "auto"), device=args.device,
+                                         do_sample=False, max_new_tokens=args.max_new_tokens,
+                                         batch_size=args.batch_size)
         except (ModelNotFoundError, OSError, ValueError) as err:
             raise EvalError(f"{label}: {err}") from None
         raw = gen.generate_answers(llm, records, args.max_new_tokens, args.batch_size, desc=f"{label}: answers")
