@@ -18,7 +18,7 @@ from pathlib import Path
 from dolly_langchain.errors import EXIT_USAGE, DollyError  # noqa: F401  (EXIT_USAGE: importable from here as before)
 from dolly_langchain.generation import (
     ANSWER_DEFAULTS,
-    COMPUTE_TYPE_CHOICES,
+    ALL_COMPUTE_TYPE_CHOICES,
     DEFAULT_GENERATION,
     DEVICES,
     EMBEDDED_MODEL_NAME,
@@ -176,12 +176,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--engine", choices=ENGINE_CHOICES, default="auto",
-        help="auto (default): ctranslate2 for the embedded model when installed, transformers otherwise",
+        help="auto (default): for the embedded model on CPU, llama.cpp for one answer and ctranslate2 int8 for "
+        "batches; transformers for other models. llamacpp: GGUF conversion (not GPT-J)",
     )
     parser.add_argument(
         "--compute-type", default="auto", metavar="TYPE",
-        choices=COMPUTE_TYPE_CHOICES,
-        help="ctranslate2 only: auto (default) is int8 on CPU and int8_float16 on CUDA",
+        choices=ALL_COMPUTE_TYPE_CHOICES,
+        help="how the weights are stored. ctranslate2: auto (default) is int8 on CPU and int8_float16 on CUDA; "
+        "llamacpp (GGUF types q4_0 ... f32): auto is the embedded model's shipped q4_1, q8_0 for other models",
     )
     parser.add_argument("--device", choices=DEVICES, default=None,
                         help="where the model runs (default: cpu for ctranslate2, the model's device for transformers)")

@@ -30,8 +30,10 @@ from dolly_langchain.models import EMBEDDED_MODEL_NAME
 __all__ = [
     "ANSWER_DEFAULTS",
     "STRUCTURED_DEFAULTS",
+    "ALL_COMPUTE_TYPE_CHOICES",
     "COMPUTE_TYPES",
     "COMPUTE_TYPE_CHOICES",
+    "GGUF_QUANTIZATIONS",
     "ContextWindowError",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_GENERATION",
@@ -50,13 +52,18 @@ __all__ = [
 DEFAULT_GENERATION = {"do_sample": True, "max_new_tokens": 256, "top_p": 0.92, "top_k": 0}
 
 #: The engines a model can run on (see :mod:`dolly_langchain.engines`); ``"auto"`` picks one per model.
-ENGINES = ("transformers", "ctranslate2")
+ENGINES = ("transformers", "ctranslate2", "llamacpp")
 ENGINE_CHOICES = ("auto", *ENGINES)
 
 #: CTranslate2 compute types: how the weights are stored (a conversion's ``quantization``) and computed.
 #: ``"auto"`` is int8 on CPU and int8_float16 on CUDA.
 COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
 COMPUTE_TYPE_CHOICES = ("auto", *COMPUTE_TYPES)
+#: llama.cpp (``engine="llamacpp"``) weight types of a GGUF conversion; ``"auto"`` is the embedded model's shipped
+#: Q4_1 tensors and Q8_0 for every other model (see :mod:`dolly_langchain.engines.gguf_conversion`).
+GGUF_QUANTIZATIONS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "f32")
+#: What ``compute_type=`` / ``--compute-type`` accept for any engine: CTranslate2's types and the GGUF types.
+ALL_COMPUTE_TYPE_CHOICES = (*COMPUTE_TYPE_CHOICES, *GGUF_QUANTIZATIONS)
 #: Where a model runs (``device=``, ``--device``).
 DEVICES = ("cpu", "cuda")
 

@@ -105,12 +105,13 @@ class DollyModelFields(BaseModel):
                                       ) from None
         if self.given_runtime is None:
             # Built by name: checked now (cheap), loaded on first use.
-            from dolly_langchain.generation import COMPUTE_TYPE_CHOICES, DEVICES, ENGINE_CHOICES
+            from dolly_langchain.generation import ALL_COMPUTE_TYPE_CHOICES, DEVICES, ENGINE_CHOICES
 
             if self.engine not in (None, *ENGINE_CHOICES):
                 raise DollyValueError(f"engine must be one of {ENGINE_CHOICES}, got {self.engine!r}")
-            if self.compute_type not in COMPUTE_TYPE_CHOICES:
-                raise DollyValueError(f"compute_type must be one of {COMPUTE_TYPE_CHOICES}, got {self.compute_type!r}")
+            if self.compute_type not in ALL_COMPUTE_TYPE_CHOICES:
+                raise DollyValueError(f"compute_type must be one of {ALL_COMPUTE_TYPE_CHOICES}, got "
+                                      f"{self.compute_type!r}")
             if self.device not in (None, *DEVICES):
                 raise DollyValueError(f"device must be one of {DEVICES}, got {self.device!r}")
             return self

@@ -22,7 +22,15 @@ from dolly_langchain.codec import PromptCodec
 from dolly_langchain.engines.base import GenerationEngine
 from dolly_langchain.engines.scheduler import DEFAULT_WINDOW, BatchScheduler, Request
 from dolly_langchain.errors import DollyValueError, NotSupportedError
-from dolly_langchain.generation import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, ENGINES, SamplingOptions, check_window
+from dolly_langchain.generation import (
+    COMPUTE_TYPES,
+    DEFAULT_BATCH_SIZE,
+    ENGINE_CHOICES,
+    ENGINES,
+    GGUF_QUANTIZATIONS,
+    SamplingOptions,
+    check_window,
+)
 from dolly_langchain.tokenizer import full_tokenizer
 
 _DONE = object()
@@ -314,7 +322,7 @@ def shared_runtime(model_id: str | None = None, *, engine: str | None = None, co
     with the same engine settings hold one copy of the weights and one scheduler (their calls share batches).
     Two threads asking at once load it once. :func:`clear_shared_runtimes` forgets them (tests, reloads).
     """
-    resolved = resolve_engine(engine, model_id)
+    resolved = "auto" if routes_auto(engine, model_id, compute_type, device) else resolve_engine(engine, model_id)
     key = (model_id, resolved, compute_type or "auto", device)
     with _SHARED_LOCK:
         if key in _SHARED:
@@ -349,9 +357,11 @@ def load_runtime(
 ) -> DollyRuntime:
     """Load a model (hub id, local directory, ``None`` for the embedded one) on an engine.
 
-    ``engine=None`` or ``"auto"``: ``"ctranslate2"`` for the embedded model when the ctranslate2 package is
-    installed and no transformers-only option is given, or when a ``compute_type`` is named; ``"transformers"``
-    otherwise. ``compute_type`` and
+    ``engine=None`` or ``"auto"``: for the embedded model on CPU with llama.cpp (``xllamacpp``) and CTranslate2
+    installed, both: lone prompts on llama.cpp, batches on CTranslate2 int8
+    (:class:`~dolly_langchain.engines.routing.RoutingEngine`); else ``"ctranslate2"`` for the embedded model when
+    the ctranslate2 package is installed and no transformers-only option is given, ``"llamacpp"`` or
+    ``"ctranslate2"`` when a GGUF or CTranslate2 ``compute_type`` is named; ``"transformers"`` otherwise. ``compute_type`` and
     ``device`` ("cpu" or "cuda") choose how CTranslate2 runs; ``dtype``, ``device_map``, ``quantization_config``
     and ``model_kwargs`` go to transformers' ``from_pretrained``.
     """
@@ -361,13 +371,21 @@ def load_runtime(
                             ("model_kwargs", model_kwargs))
         if value
     }
+    if not transformers_only and routes_auto(engine, model_id, compute_type, device):
+        return _load_routing(prompt_format)
     if engine in (None, "auto") and compute_type not in (None, "auto"):
-        engine = "ctranslate2"  # a compute type only means something to CTranslate2
+        # a compute type only means something to CTranslate2 (its types) or llama.cpp (GGUF types)
+        engine = "llamacpp" if compute_type in GGUF_QUANTIZATIONS else "ctranslate2"
     engine = resolve_engine(engine, model_id, transformers_only)
-    if engine == "ctranslate2":
+    if engine in ("ctranslate2", "llamacpp"):
         if transformers_only:
-            raise DollyValueError(f"{sorted(transformers_only)} are transformers options; with engine='ctranslate2' use "
+            raise DollyValueError(f"{sorted(transformers_only)} are transformers options; with engine={engine!r} use "
                              "compute_type= and device= (or pass engine='transformers')")
+        if engine == "llamacpp":
+            return _load_llamacpp(model_id, compute_type, device or "cpu", prompt_format)
+        if compute_type in GGUF_QUANTIZATIONS:
+            raise DollyValueError(f"compute_type {compute_type!r} is a GGUF type for engine='llamacpp'; CTranslate2 "
+                                  f"takes {', '.join(COMPUTE_TYPES)}")
         return _load_ctranslate2(model_id, compute_type, device or "cpu", prompt_format)
     if compute_type not in (None, "auto"):
         raise DollyValueError("compute_type is a CTranslate2 option; with engine='transformers' pass dtype= (e.g. "
@@ -384,8 +402,23 @@ def load_runtime(
     return DollyRuntime.for_transformers(model, tokenizer, prompt_format)
 
 
+def routes_auto(engine: str | None, model_id: str | None, compute_type: str | None = "auto",
+                device: str | None = None) -> bool:
+    """Whether ``engine="auto"`` means two engines here (:class:`~dolly_langchain.engines.routing.RoutingEngine`):
+    the embedded model on CPU, no compute type named, with both llama.cpp and CTranslate2 installed."""
+    if engine not in (None, "auto") or model_id is not None or compute_type not in (None, "auto"):
+        return False
+    if device not in (None, "cpu"):
+        return False
+    import importlib.util
+
+    # Found, not imported: a lone `dolly ask` never imports CTranslate2 (the batch engine loads on the first batch).
+    return all(importlib.util.find_spec(name) is not None for name in ("ctranslate2", "xllamacpp", "gguf"))
+
+
 def resolve_engine(engine: str | None, model_id: str | None, transformers_only: dict | None = None) -> str:
-    """The engine ``engine=None``/``"auto"`` means for this model (see :func:`load_runtime`)."""
+    """The engine ``engine=None``/``"auto"`` means for this model (see :func:`load_runtime`); for the embedded model
+    on CPU, where ``"auto"`` routes lone prompts to llama.cpp (:func:`routes_auto`), this names the batch engine."""
     if engine in (None, "auto"):
         from dolly_langchain.engines.ctranslate2_engine import available
 
@@ -395,15 +428,44 @@ def resolve_engine(engine: str | None, model_id: str | None, transformers_only: 
     return engine
 
 
+def _load_routing(prompt_format) -> DollyRuntime:
+    """The embedded model with ``engine="auto"``: llama.cpp on its shipped tensors for lone prompts, CTranslate2 int8
+    (loaded on the first batch) for batches (:mod:`dolly_langchain.engines.routing`)."""
+    from dolly_langchain.engines.ctranslate2_engine import CTranslate2Engine
+    from dolly_langchain.engines.gguf_conversion import read_conversion_record
+    from dolly_langchain.engines.llamacpp_engine import LlamaCppEngine
+    from dolly_langchain.engines.routing import RoutingEngine
+
+    single = LlamaCppEngine.from_model(None, parallel=1)  # lone prompts only: one slot
+    engine = RoutingEngine(single, lambda: CTranslate2Engine.from_model(None, compute_type="int8"))
+    return _converted_runtime(engine, read_conversion_record(single.model_dir) or {}, prompt_format)
+
+
+def _load_llamacpp(model_id, compute_type, device, prompt_format) -> DollyRuntime:
+    from dolly_langchain.engines.gguf_conversion import read_conversion_record
+    from dolly_langchain.engines.llamacpp_engine import LlamaCppEngine
+
+    if compute_type not in (None, "auto", *GGUF_QUANTIZATIONS):
+        raise DollyValueError(f"compute_type {compute_type!r} is a CTranslate2 type; engine='llamacpp' takes 'auto' "
+                              f"or a GGUF type: {', '.join(GGUF_QUANTIZATIONS)}")
+    engine = LlamaCppEngine.from_model(model_id, device=device, compute_type=compute_type)
+    return _converted_runtime(engine, read_conversion_record(engine.model_dir) or {}, prompt_format)
+
+
 def _load_ctranslate2(model_id, compute_type, device, prompt_format) -> DollyRuntime:
     from dolly_langchain.engines.conversion import read_conversion_record
     from dolly_langchain.engines.ctranslate2_engine import CTranslate2Engine
 
     engine = CTranslate2Engine.from_model(model_id, device=device, compute_type=compute_type or "auto")
+    return _converted_runtime(engine, read_conversion_record(engine.model_dir) or {}, prompt_format)
+
+
+def _converted_runtime(engine: GenerationEngine, record: dict, prompt_format) -> DollyRuntime:
+    """The runtime of an engine on a converted copy (CTranslate2 or GGUF), with the tokenizer saved beside it."""
     model_dir = engine.model_dir
     # A conversion whose record says the transformers-free tokenizer reproduces transformers' is read with it, so
     # this engine runs without importing transformers or torch (dolly_langchain.tokenizer); others keep transformers'.
-    if (read_conversion_record(model_dir) or {}).get("light_tokenizer"):
+    if record.get("light_tokenizer"):
         from dolly_langchain.tokenizer import LightTokenizer
 
         tokenizer = LightTokenizer(model_dir)
