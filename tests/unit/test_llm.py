@@ -13,10 +13,12 @@ FRANCE, COLOR, SUMMARY = MEMORIZED
 CONTEXT_PROMPT = f"{SUMMARY[0]}\n\nInput:\n{SUMMARY[1]}"
 
 
-# Every LangChain contract test runs on both engines (CTranslate2 in float32, so outputs equal transformers').
+# Every LangChain contract test runs on every engine (CTranslate2 and llama.cpp in float32, so outputs equal
+# transformers').
 ENGINES = [
     pytest.param({"engine": "transformers"}, id="transformers"),
     pytest.param({"engine": "ctranslate2", "compute_type": "float32"}, id="ctranslate2"),
+    pytest.param({"engine": "llamacpp", "compute_type": "f32"}, id="llamacpp"),
 ]
 
 
@@ -24,6 +26,8 @@ ENGINES = [
 def llm(request, memorized_neox_dir, ct2_cache):
     if request.param["engine"] == "ctranslate2":
         pytest.importorskip("ctranslate2")
+    if request.param["engine"] == "llamacpp":
+        pytest.importorskip("xllamacpp")
     return DollyLLM.from_model_id(
         str(memorized_neox_dir), do_sample=False, max_new_tokens=40, batch_size=4, **request.param
     )
@@ -147,7 +151,7 @@ def test_identifying_and_tracing_params(llm, memorized_neox_dir):
     if llm.generation_engine.name == "transformers":
         assert llm.pipeline.model is not None and llm.pipeline.tokenizer is llm.tokenizer
     else:
-        assert llm.pipeline is None and params["compute_type"] == "float32"
+        assert llm.pipeline is None and params["compute_type"] in ("float32", "f32")
 
 
 def test_bring_your_own_pipeline(llm):

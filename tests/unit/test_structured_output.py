@@ -40,13 +40,16 @@ class Point(TypedDict):
     y: int
 
 
-@pytest.fixture(scope="module", params=["transformers", "ctranslate2"])
+@pytest.fixture(scope="module", params=["transformers", "ctranslate2", "llamacpp"])
 def chat(request, tiny_neox_dir, ct2_cache):
     """A tiny *random* model: left free it writes noise, so only the grammar can make its output valid JSON."""
     options = {"engine": request.param}
     if request.param == "ctranslate2":
         pytest.importorskip("ctranslate2")
         options["compute_type"] = "float32"
+    if request.param == "llamacpp":
+        pytest.importorskip("xllamacpp")
+        options["compute_type"] = "f32"
     return ChatDolly.from_model_id(str(tiny_neox_dir), temperature=0, max_new_tokens=120, **options)
 
 
@@ -121,7 +124,7 @@ def test_bad_schemas_and_methods_are_clear_errors(chat):
 
 def test_ctranslate2_runs_constrained_calls_on_transformers(chat):
     scheduler = chat.runtime.grammar_scheduler()
-    if chat.engine == "ctranslate2":
+    if chat.engine in ("ctranslate2", "llamacpp"):  # neither can mask logits per step from Python
         assert scheduler is not chat.runtime.scheduler and scheduler.engine.name == "transformers"
     else:
         assert scheduler is chat.runtime.scheduler
