@@ -12,12 +12,15 @@ What differs is how the tokens are scored (``_loglikelihood_tokens``):
 
 - Requests are grouped by their (truncated) context, groups sorted longest first (as ``HFLM`` sorts requests) and
   batched ``batch_size`` contexts at a time.
-- **transformers** (:class:`TorchScorer`): one forward of the left-padded contexts with ``logits_to_keep=1`` (the
-  vocabulary projection and log-softmax only where a continuation is predicted, not at every context position),
-  which also gives every choice's first token; then the choices' remaining tokens in one forward over the contexts'
-  KV cache, repeated per choice. ``HFLM`` runs context + choice as a full sequence per choice (only one-token
-  choices share logits there). On fp32 the log-likelihoods equal ``HFLM``'s to float rounding (``tests/unit/
-  test_eval_lm.py`` checks 1e-4), so the accuracies are the same.
+- **transformers** (:class:`TorchScorer`): a context with several choices runs once, left-padded with the batch's
+  other contexts, with ``logits_to_keep=1`` (the vocabulary projection and log-softmax only where a continuation is
+  predicted, not at every context position), which also gives every choice's first token; the choices' remaining
+  tokens then run over the contexts' KV cache, repeated per choice, sorted by length and cut into runs whose
+  padding at most doubles their tokens. A context with one continuation (winogrande, whose choice is in the
+  context; rolling windows) runs as one sequence, context + continuation, with logits kept only at the
+  continuation. ``HFLM`` runs context + choice as a full sequence per choice with logits at every position (only
+  one-token choices share logits there). On fp32 the log-likelihoods equal ``HFLM``'s to float rounding
+  (``tests/unit/test_eval_lm.py`` checks 1e-4), so the accuracies are the same.
 - **ctranslate2** (:class:`CTranslate2Scorer`): one-token choices (boolq's yes/no, many ARC labels) read the
   distribution after the context once per context (``generate_batch`` with ``return_logits_vocab``, one step);
   longer choices are scored as context + choice with ``forward_batch``. CTranslate2's int8 (its default on CPU)
@@ -223,8 +226,16 @@ class _WindowConfig:
 
 
 class TorchScorer:
-    """Scores groups on a transformers causal LM: contexts once (last position only), then all choices over their
-    context's KV cache."""
+    """Scores groups on a transformers causal LM.
+
+    A context with one continuation (winogrande's, whose choice is in the context; rolling windows) runs as one
+    left-padded sequence, context + continuation, with logits kept only at the continuation's positions. A context
+    with several continuations runs once (logits at its last position only, which scores every one-token choice);
+    the choices' remaining tokens then run together over its KV cache, repeated per choice."""
+
+    #: Positions whose vocabulary logits one forward may keep (rows x kept positions): bounds the logits' memory
+    #: (2048 x 49,152 fp32 is 400 MB) when continuations are long, as rolling windows are.
+    MAX_KEPT_POSITIONS = 2048
 
     def __init__(self, model):
         import inspect
@@ -236,58 +247,144 @@ class TorchScorer:
         self.cache_name = "cache" if "cache" in parameters else "past_key_values"  # transformers 5 renames it
 
     def score(self, groups: Sequence[Group]) -> list[list[tuple[float, bool]]]:
+        answers: list[list[tuple[float, bool]]] = [[] for _ in groups]
+        single = [g for g, (_, conts) in enumerate(groups) if len(conts) == 1]
+        shared = [g for g, (_, conts) in enumerate(groups) if len(conts) > 1]
+        for chunk in self._chunks(single, [len(groups[g][1][0][1]) for g in single]):
+            for g, answer in zip(chunk, self._score_whole([groups[g] for g in chunk])):
+                answers[g] = [answer]
+        if shared:
+            for g, mine in zip(shared, self._score_shared([groups[g] for g in shared])):
+                answers[g] = mine
+        return answers
+
+    def _chunks(self, indices: list[int], kept: list[int]) -> list[list[int]]:
+        """``indices`` in runs whose rows x longest kept span stays within :attr:`MAX_KEPT_POSITIONS`."""
+        chunks: list[list[int]] = []
+        longest = 0
+        for index, span in zip(indices, kept):
+            if chunks and (len(chunks[-1]) + 1) * max(longest, span) <= self.MAX_KEPT_POSITIONS:
+                chunks[-1].append(index)
+                longest = max(longest, span)
+            else:
+                chunks.append([index])
+                longest = span
+        return chunks
+
+    @staticmethod
+    def _left_padded(sequences: list[list[int]], pad_id: int):
         import torch
 
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        return ids, mask
+
+    @staticmethod
+    def _continuation(logits, cont: list[int]) -> tuple[float, bool]:
+        """``(log-likelihood, greedy)`` of ``cont`` from the logits that predict its tokens (one row each)."""
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(cont, device=logprobs.device)
+        total = float(logprobs.gather(1, target[:, None]).sum())
+        return total, bool((logprobs.argmax(-1) == target).all())
+
+    def _forward(self, ids, mask, keep: int, **extra):
         model = self.model
         device = model.device
-        lengths = [len(ctx) for ctx, _ in groups]
-        width = max(lengths)
-        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(groups), width), dtype=torch.long)
-        for row, (ctx, _) in enumerate(groups):
-            ids[row, width - len(ctx):] = torch.tensor(ctx)
-            mask[row, width - len(ctx):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs = {"logits_to_keep": 1} if self.keeps_logits else {}
+        positions = extra.pop("position_ids", None)
+        if positions is None:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs = {"logits_to_keep": keep} if self.keeps_logits else {}
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                     **kwargs, **extra)
+
+    def _tail_runs(self, tails: list[int]) -> list[tuple[int, int]]:
+        """Split choice tails (sorted longest first) into runs of one forward each: a run ends where a tail is
+        shorter than half the run's longest (so padding at most doubles a run's tokens) or the run's kept logits
+        would pass :attr:`MAX_KEPT_POSITIONS`."""
+        if not tails:
+            return []
+        runs: list[tuple[int, int]] = []
+        start = 0
+        for i, tail in enumerate(tails):
+            if i > start and (2 * tail < tails[start] or (i - start + 1) * tails[start] > self.MAX_KEPT_POSITIONS):
+                runs.append((start, i))
+                start = i
+        runs.append((start, len(tails)))
+        return runs
+
+    def _score_whole(self, groups: Sequence[Group]) -> list[tuple[float, bool]]:
+        """One continuation per context: context + continuation in one forward, logits at the continuation only."""
+        import torch
+
+        conts = [conts[0][1] for _, conts in groups]
+        ids, mask = self._left_padded([ctx + cont[:-1] for (ctx, _), cont in zip(groups, conts)], self.pad_id)
+        keep = max(len(c) for c in conts)
         with torch.inference_mode():
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        use_cache=True, **kwargs)
-            first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # after each context
-            first_greedy = first.argmax(-1)
-            rows = [(g, k) for g, (_, conts) in enumerate(groups) for k, (_, c) in enumerate(conts) if len(c) > 1]
-            rest: dict[tuple[int, int], torch.Tensor] = {}
-            if rows:
-                cache = out.past_key_values
-                cache.batch_select_indices(torch.tensor([g for g, _ in rows], device=device))
-                tail = max(len(groups[g][1][k][1]) - 1 for g, k in rows)
-                ids2 = torch.full((len(rows), tail), self.pad_id, dtype=torch.long)
-                mask2 = torch.zeros((len(rows), width + tail), dtype=torch.long)
-                pos2 = torch.zeros((len(rows), tail), dtype=torch.long)
-                for r, (g, k) in enumerate(rows):
+            logits = self._forward(ids, mask, keep, use_cache=False).logits[:, -keep:, :]
+            return [self._continuation(logits[row, keep - len(cont):], cont) for row, cont in enumerate(conts)]
+
+    def _score_shared(self, groups: Sequence[Group]) -> list[list[tuple[float, bool]]]:
+        """Several continuations per context: the context once, then the choices over its KV cache."""
+        import torch
+
+        ids, mask = self._left_padded([ctx for ctx, _ in groups], self.pad_id)
+        width = ids.shape[1]
+        lengths = [len(ctx) for ctx, _ in groups]
+        answers: list[list[tuple[float, bool] | None]] = [[None] * len(conts) for _, conts in groups]
+        with torch.inference_mode():
+            out = self._forward(ids, mask, 1, use_cache=True)
+            first = out.logits[:, -1, :]  # after each context: every choice's first token
+            rows = []
+            for g, (_, conts) in enumerate(groups):
+                for k, (_, cont) in enumerate(conts):
+                    if len(cont) == 1:
+                        answers[g][k] = self._continuation(first[g:g + 1], cont)
+                    else:
+                        rows.append((g, k))
+            cache = out.past_key_values
+            rows.sort(key=lambda gk: -len(groups[gk[0]][1][gk[1]][1]))
+            runs = self._tail_runs([len(groups[g][1][k][1]) - 1 for g, k in rows])
+            for run_start, run_end in runs:
+                run = rows[run_start:run_end]
+                selected = torch.tensor([g for g, _ in run], device=self.model.device)
+                run_cache = cache if len(runs) == 1 else _cache_copy(cache)
+                run_cache.batch_select_indices(selected)
+                tail = len(groups[run[0][0]][1][run[0][1]][1]) - 1  # rows are sorted longest first
+                ids2 = torch.full((len(run), tail), self.pad_id, dtype=torch.long)
+                mask2 = torch.zeros((len(run), width + tail), dtype=torch.long)
+                pos2 = torch.zeros((len(run), tail), dtype=torch.long)
+                for r, (g, k) in enumerate(run):
                     cont = groups[g][1][k][1][:-1]
                     ids2[r, :len(cont)] = torch.tensor(cont)
                     mask2[r, :width] = mask[g]
                     mask2[r, width:width + len(cont)] = 1
                     pos2[r] = lengths[g] + torch.arange(tail)
-                out2 = model(input_ids=ids2.to(device), attention_mask=mask2.to(device),
-                             position_ids=pos2.to(device), use_cache=False, **{self.cache_name: cache})
-                logprobs = torch.log_softmax(out2.logits.float(), dim=-1)
-                for r, key in enumerate(rows):
-                    rest[key] = logprobs[r]
-        answers = []
-        for g, (_, conts) in enumerate(groups):
-            mine = []
-            for k, (_, cont) in enumerate(conts):
-                total = float(first[g, cont[0]])
-                greedy = int(first_greedy[g]) == cont[0]
-                if len(cont) > 1:
-                    lp = rest[(g, k)][:len(cont) - 1]
-                    target = torch.tensor(cont[1:], device=lp.device)
-                    total += float(lp.gather(1, target[:, None]).sum())
-                    greedy = greedy and bool((lp.argmax(-1) == target).all())
-                mine.append((total, greedy))
-            answers.append(mine)
-        return answers
+                logits = self._forward(ids2, mask2, tail, position_ids=pos2, use_cache=False,
+                                       **{self.cache_name: run_cache}).logits
+                for r, (g, k) in enumerate(run):
+                    cont = groups[g][1][k][1]
+                    predicting = torch.cat([first[g:g + 1], logits[r, :len(cont) - 1]])
+                    answers[g][k] = self._continuation(predicting, cont)
+        return answers  # type: ignore[return-value]
+
+
+def _cache_copy(cache):
+    """A cache whose rows can be selected without touching ``cache``'s (selecting and extending a layer replace its
+    tensors, so copying the layer objects is enough; other cache types are copied whole)."""
+    import copy
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return copy.deepcopy(cache)
+    twin = copy.copy(cache)
+    twin.layers = [copy.copy(layer) for layer in layers]
+    return twin
 
 
 class CTranslate2Scorer:

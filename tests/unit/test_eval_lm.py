@@ -164,3 +164,33 @@ def test_engine_flag_reaches_the_lm_and_the_cache_key(tmp_path, tiny_neox_dir, m
     with pytest.raises(SystemExit):
         main([str(tiny_neox_dir), "--tasks", "piqa", "--engine", "onnx"])
     assert "--engine" in capsys.readouterr().err
+
+
+def test_forward_passes_per_batch(tiny, hflm_scores):
+    """A context with one continuation is one forward (context + continuation); a shared context is one forward
+    and its choices' tails run over its cache in runs of similar length; the scores stay HFLM's."""
+    lm = _ours(tiny, 16)
+    model = lm.scorer.model
+    calls = []
+    real = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(kwargs["input_ids"].shape))
+        return real(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        # winogrande's shape: the choice in the context, one shared multi-token continuation
+        lm.loglikelihood(_instances("loglikelihood", [("the cat sat on", " the mat and"),
+                                                      ("the dog ran to", " the mat and")]), disable_tqdm=True)
+        assert len(calls) == 1
+        calls.clear()
+        expected, _ = hflm_scores
+        got = lm.loglikelihood(_instances("loglikelihood", _requests()[:4]), disable_tqdm=True)
+        # the context once; tails of 3 and 1 tokens (" cat sat on the", " the mat") in separate runs
+        assert len(calls) == 3
+        assert [v for v, _ in got] == pytest.approx([v for v, _ in expected[:4]], abs=1e-4)
+    finally:
+        model.forward = real
+    assert lm.scorer._tail_runs([6, 5, 3, 2, 1, 1]) == [(0, 3), (3, 6)]
+    assert lm.scorer._tail_runs([]) == []
