@@ -12,13 +12,16 @@ embedded model's codec, so every engine reads the same token ids. Greedy, ``--ma
   stopping at the model's own end tokens; run at all cores and at one thread, the faster is the reference.
 - ``llamacpp``, ``llamacpp_q8_0``, ``llamacpp_q4_0``: ``DollyLLM(engine="llamacpp")`` (codec, scheduler, stop
   handling, LangChain) on the shipped tensors (``auto``), and on Q8_0 / Q4_0 conversions of the plain checkpoint;
-- ``ctranslate2_int8``: ``DollyLLM``'s CTranslate2 engine.
+- ``ctranslate2_int8``: the CTranslate2 engine;
+- ``auto``: the default engine on the embedded model (llama.cpp alone, CTranslate2 int8 in batches), with
+  ``batch1_after_batch16``: the lone prompts again after the batch, in the same process.
 
 ``batch1`` runs the prompts in turn (``invoke``), ``batch16`` all of them in one ``batch`` call. Tokens are counted
 as in ``benchmarks/generation.py`` (generated ids, plus the stop token where a row stopped). Each engine runs in a
 fresh process: CTranslate2's OpenMP threads keep spinning after a call and slowed llama.cpp in the same process
 2.6x (``NOTES.md``). ``--quality-prompts N`` adds each llama.cpp quantization's ROUGE-L F1 against the
-transformers fp32 answers to the first N prompts (as for int8 in ``benchmarks/generation.py``).
+transformers fp32 answers to the first N prompts, each answered alone (as for int8 in
+``benchmarks/generation.py``).
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ENGINES = {
+    "auto": {"engine": "auto", "compute_type": "auto"},
     "llamacpp": {"engine": "llamacpp", "compute_type": "auto"},
     "llamacpp_q8_0": {"engine": "llamacpp", "compute_type": "q8_0"},
     "llamacpp_q4_0": {"engine": "llamacpp", "compute_type": "q4_0"},
     "ctranslate2_int8": {"engine": "ctranslate2", "compute_type": "int8"},
     "transformers": {"engine": "transformers", "compute_type": "auto"},
 }
+
+DEFAULT_ENGINES = ("auto", "llamacpp", "llamacpp_q8_0", "llamacpp_q4_0", "ctranslate2_int8")
 
 
 def encode_prompts(prompts: list[str]) -> list[list[int]]:
@@ -84,7 +90,7 @@ def worker_reference(prompt_ids: list[list[int]], max_new_tokens: int, threads: 
                        "tokens_per_s": round(tokens / seconds, 2)}}
 
 
-def worker_engine(name: str, prompt_ids: list[list[int]], max_new_tokens: int, quality: int) -> dict:
+def worker_engine(name: str, prompt_ids: list[list[int]], max_new_tokens: int, quality: list[list[int]]) -> dict:
     from generation import TokenCounter
 
     from dolly_langchain.generation import SamplingOptions
@@ -107,8 +113,17 @@ def worker_engine(name: str, prompt_ids: list[list[int]], max_new_tokens: int, q
         report[label] = {"seconds": round(seconds, 2), "generated_tokens": counter.tokens,
                          "engine_batches": counter.batches, "tokens_per_s": round(counter.tokens / seconds, 2)}
         report[f"{label}_texts"] = [o.text for o in outputs]
+    if name == "auto":
+        # Lone prompts again, now that the batch engine has run in this process: CTranslate2's OpenMP threads
+        # must not slow llama.cpp down after a batch.
+        with TokenCounter(engine, max_new_tokens) as counter:
+            start = time.perf_counter()
+            [runtime.generate([ids], options)[0] for ids in prompt_ids]
+            seconds = time.perf_counter() - start
+        report["batch1_after_batch16"] = {"seconds": round(seconds, 2), "generated_tokens": counter.tokens,
+                                          "tokens_per_s": round(counter.tokens / seconds, 2)}
     if quality:
-        report["quality_texts"] = [c.text for c in runtime.generate(prompt_ids[:quality], options)]
+        report["quality_texts"] = [runtime.generate([ids], options)[0].text for ids in quality]
     return report
 
 
@@ -198,7 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engines", default="llamacpp,llamacpp_q8_0,llamacpp_q4_0,ctranslate2_int8")
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES))
     parser.add_argument("--quality-prompts", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each engine keeps its best")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -220,7 +235,8 @@ def main(argv=None) -> int:
             result = {"quality_texts": [c.text for c in runtime.generate(
                 ids["quality"], SamplingOptions(max_new_tokens=args.max_new_tokens))]}
         else:
-            result = worker_engine(args.worker, ids["batch"], args.max_new_tokens, args.quality)
+            result = worker_engine(args.worker, ids["batch"], args.max_new_tokens,
+                                   ids["quality"][: args.quality])
         print(json.dumps(result))
         return 0
     if args.data is None or not Path(args.data).is_file():

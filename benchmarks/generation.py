@@ -18,12 +18,16 @@ the stop token, so idle rows of a batch do not count.
   cores and with one thread, the faster of the two (``llamacpp_runs`` holds both);
 - ``int8_quality``: ROUGE-L F1 (``rouge-score``) of CTranslate2 int8 answers against fp32 answers on
   ``--quality-prompts`` instructions, and how many are identical;
+- ``engine_comparison`` (``--engines-only`` runs just this): every engine, each in its own process, one answer at
+  a time and one batch of 16 against llama.cpp itself on the shipped GGUF, and each llama.cpp quantization's
+  ROUGE-L against fp32 answers (``benchmarks/engine_comparison.py``);
 - ``cold_start``: ``dolly ask`` in fresh processes with warm caches (median of ``--cold-start-runs``), import
   times and what each import loads (``benchmarks/cold_start.py``), measured first, before this process loads any
   model. ``--cold-start-only`` runs just this (no dolly-15k needed, about a minute).
 
-Targets on a 2-core CPU: ctranslate2 batch 1 >= 3x transformers batch 1; ctranslate2 batch 16 >= 2x llama.cpp
-one at a time; concurrent ainvoke >= 0.8x one batch call, in generated tokens/s; ``dolly ask`` <= 1.5 s wall.
+Targets on a 2-core CPU: ctranslate2 batch 1 >= 3x transformers batch 1; the default engine one at a time >= llama.cpp
+one at a time, and its batch 16 >= 2x llama.cpp one at a time (``engine_comparison``); concurrent ainvoke >= 0.8x
+one batch call, in generated tokens/s; ``dolly ask`` <= 1.5 s wall.
 Instructions come from databricks-dolly-15k (``--data``, default ``$DOLLY_15K_PATH``); none are stored here.
 """
 
@@ -55,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold-start-runs", type=int, default=5, help="fresh `dolly ask` processes timed (0: skip)")
     parser.add_argument("--cold-start-only", action="store_true", help="measure only the cold start")
+    parser.add_argument("--engines-only", action="store_true",
+                        help="only the engine comparison against llama.cpp (benchmarks/engine_comparison.py)")
+    parser.add_argument("--comparison-rounds", type=int, default=2, help="interleaved rounds of the engine comparison")
     args = parser.parse_args(argv)
     if args.cold_start_only:
         return args
@@ -161,6 +168,13 @@ def main(argv=None) -> int:
     if args.cold_start_only:
         print(json.dumps({"cold_start": cold_start.run(runs=args.cold_start_runs or 5)}, indent=2, ensure_ascii=False))
         return 0
+    import engine_comparison
+
+    if args.engines_only:
+        print(json.dumps({"engine_comparison": engine_comparison.compare(
+            args.data, args.batch_size, args.max_new_tokens, args.seed, list(engine_comparison.DEFAULT_ENGINES),
+            args.quality_prompts, args.comparison_rounds)}, indent=2))
+        return 0
     # First, while this process has loaded nothing that competes for the CPU.
     cold = cold_start.run(runs=args.cold_start_runs) if args.cold_start_runs else None
     import torch
@@ -221,6 +235,11 @@ def main(argv=None) -> int:
                          "concurrent_over_batch": 0.8, "cold_start_ask_wall_s": cold_start.TARGET_SECONDS}
     if cold is not None:
         report["cold_start"] = cold
+    if args.model is None:
+        del llms, default  # free this process's engines before the comparison's own processes run
+        report["engine_comparison"] = engine_comparison.compare(
+            args.data, args.batch_size, args.max_new_tokens, args.seed, list(engine_comparison.DEFAULT_ENGINES),
+            args.quality_prompts, args.comparison_rounds)
     print(json.dumps(report, indent=2))
     return 0
 
