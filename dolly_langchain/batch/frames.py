@@ -113,11 +113,13 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _set_threads(threads: int | None) -> None:
-    """Engine threads of this process, before its model loads: CTranslate2 reads ``DOLLY_CT2_THREADS`` when it
-    builds a generator, torch takes ``set_num_threads``. A user's own ``DOLLY_CT2_THREADS`` wins."""
+    """Engine threads of this process, before its model loads: CTranslate2 reads ``DOLLY_CT2_THREADS`` and llama.cpp
+    ``DOLLY_LLAMACPP_THREADS`` when their engines load (``engine="auto"`` runs a lone last row on llama.cpp), torch
+    takes ``set_num_threads``. A user's own variables win."""
     if threads is None:
         return
     os.environ.setdefault("DOLLY_CT2_THREADS", str(threads))
+    os.environ.setdefault("DOLLY_LLAMACPP_THREADS", str(threads))
     import torch
 
     torch.set_num_threads(threads)
