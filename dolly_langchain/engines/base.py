@@ -12,10 +12,13 @@ generated token as it comes, which is how streaming works; the returned :class:`
 
 from __future__ import annotations
 
+import importlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from dolly_langchain.errors import DollyValueError, MissingDependencyError
 from dolly_langchain.generation import ENGINES, SamplingOptions  # noqa: F401  (defined once there; re-exported)
 
 #: ``on_token(row, token_id, logprob)``; return ``True`` to stop generating for that row. ``logprob`` is ``None``
@@ -131,3 +134,30 @@ def length_groups(lengths: Sequence[int], max_new_tokens: int, step_cost: float)
         groups.append(order[cut[end]:end])
         end = cut[end]
     return groups[::-1]
+
+
+def import_engine_package(module: str, engine: str, install_hint: str):
+    """Import an engine's package, or raise an ImportError that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(f"engine={engine!r} needs the {module} package: {install_hint}") from err
+
+
+def threads_from_env(variable: str, minimum: int) -> int | None:
+    """An engine's thread count from the environment variable ``variable`` (``None`` when unset)."""
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    try:
+        return max(minimum, int(value))
+    except ValueError:
+        raise DollyValueError(f"{variable} must be an integer, got {value!r}") from None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -20,7 +20,6 @@ with transformers.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,9 +28,12 @@ from dolly_langchain.engines.base import (
     GenerationEngine,
     RowTracker,
     TokenCallback,
+    import_engine_package,
     length_groups,
+    threads_from_env,
+    usable_cpus,
 )
-from dolly_langchain.errors import DollyValueError, MissingDependencyError
+from dolly_langchain.errors import DollyValueError
 from dolly_langchain.generation import COMPUTE_TYPE_CHOICES, DEVICES, SamplingOptions
 
 COMPUTE_TYPES = COMPUTE_TYPE_CHOICES  # this module's name for them before dolly_langchain.generation held them
@@ -46,11 +48,7 @@ INSTALL_HINT = "pip install 'ctranslate2>=4.5'"
 
 def import_ctranslate2():
     """Import ``ctranslate2`` or raise an ImportError that says how to install it."""
-    try:
-        import ctranslate2
-    except ImportError as err:
-        raise MissingDependencyError(f"engine='ctranslate2' needs the ctranslate2 package: {INSTALL_HINT}") from err
-    return ctranslate2
+    return import_engine_package("ctranslate2", "ctranslate2", INSTALL_HINT)
 
 
 def available() -> bool:
@@ -73,17 +71,10 @@ def default_intra_threads(device: str) -> int:
     """
     if device != "cpu":
         return 0  # CTranslate2's default; threads only matter for CPU compute
-    env = os.environ.get("DOLLY_CT2_THREADS")
-    if env:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            raise DollyValueError(f"DOLLY_CT2_THREADS must be an integer, got {env!r}") from None
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+    env = threads_from_env("DOLLY_CT2_THREADS", 0)
+    if env is not None:
+        return env
+    return max(1, usable_cpus() // 2)
 
 
 def resolve_compute_type(compute_type: str, device: str) -> str:

@@ -23,14 +23,21 @@ sequence, temperature, top-k, top-p; llama.cpp's default min-p, DRY and XTC are 
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from dolly_langchain.engines.base import EngineOutput, GenerationEngine, RowTracker, TokenCallback
-from dolly_langchain.errors import DollyRuntimeError, DollyValueError, MissingDependencyError, NotSupportedError
+from dolly_langchain.engines.base import (
+    EngineOutput,
+    GenerationEngine,
+    RowTracker,
+    TokenCallback,
+    import_engine_package,
+    threads_from_env,
+    usable_cpus,
+)
+from dolly_langchain.errors import DollyRuntimeError, DollyValueError, NotSupportedError
 from dolly_langchain.generation import DEFAULT_BATCH_SIZE, SamplingOptions
 
 # A generated token's text in a conversion's placeholder vocabulary (gguf_conversion): its id in angle brackets.
@@ -43,11 +50,7 @@ KV_CACHE_TOKENS = 16384
 
 def import_xllamacpp():
     """Import ``xllamacpp`` or raise an ImportError that says how to install it."""
-    try:
-        import xllamacpp
-    except ImportError as err:
-        raise MissingDependencyError(f"engine='llamacpp' needs the xllamacpp package: {INSTALL_HINT}") from err
-    return xllamacpp
+    return import_engine_package("xllamacpp", "llamacpp", INSTALL_HINT)
 
 
 def available() -> bool:
@@ -65,16 +68,8 @@ def default_threads() -> int:
 
     Unlike CTranslate2's OpenMP threads (one per two CPUs is fastest there), llama.cpp's were fastest at one per CPU
     on the 2-CPU machine this was measured on."""
-    env = os.environ.get("DOLLY_LLAMACPP_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise DollyValueError(f"DOLLY_LLAMACPP_THREADS must be an integer, got {env!r}") from None
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    env = threads_from_env("DOLLY_LLAMACPP_THREADS", 1)
+    return env if env is not None else usable_cpus()
 
 
 class LlamaCppEngine(GenerationEngine):
