@@ -194,7 +194,15 @@ class ServerState:
                 from dolly_langchain.llm import DollyLLM
 
                 s = self.settings
-                llm = DollyLLM.from_model_id(s.model, engine=s.engine, compute_type=s.compute_type, device=s.device,
+                engine = s.engine
+                if engine in (None, "auto") and s.compute_type in (None, "auto"):
+                    # A server's work is concurrent requests sharing batches: "auto" here is the batch engine
+                    # (CTranslate2 int8 for the embedded model), not auto's llama.cpp-for-lone-prompts routing, whose
+                    # drain on SIGTERM and dropped-stream cancellation under this server are not verified yet.
+                    from dolly_langchain.runtime import resolve_engine
+
+                    engine = resolve_engine(engine, s.model)
+                llm = DollyLLM.from_model_id(s.model, engine=engine, compute_type=s.compute_type, device=s.device,
                                              batch_size=s.batch_size, max_new_tokens=s.max_tokens,
                                              **{"do_sample": False, **s.model_options})
                 self.llm, self.chat = llm, ChatDolly.from_llm(llm)

@@ -115,3 +115,30 @@ def test_a_record_without_its_file_is_not_loaded(tmp_path):
     (tmp_path / CONVERSION_RECORD).write_text(json.dumps({"quantization": "f32", "vocab_size": 8}))
     with pytest.raises(ValueError, match="not a GGUF conversion"):
         LlamaCppEngine(tmp_path)
+
+
+def test_loading_llama_cpp_keeps_the_process_signal_handlers(tiny_llama_dir, ct2_cache):
+    """xllamacpp installs llama.cpp's own SIGINT/SIGTERM handlers; loading an engine (here in a thread, as `dolly
+    serve` loads) must leave Ctrl+C raising KeyboardInterrupt and SIGTERM reaching the process's handler."""
+    import os
+    import signal
+    import threading
+    import time
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *args: seen.append("term"))
+    try:
+        engines = []
+        loader = threading.Thread(target=lambda: engines.append(
+            LlamaCppEngine.from_model(str(tiny_llama_dir), compute_type="f32", parallel=1)))
+        loader.start()
+        loader.join()
+        assert engines, "the engine did not load"
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        assert seen == ["term"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
