@@ -98,7 +98,8 @@ def test_dolly_ask_imports_neither_torch_nor_transformers_nor_langchain():
     )
     assert result.returncode == 0, result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "Paris" in result.stdout and "xllamacpp" in imported  # the default engine answers one prompt on llama.cpp
+    # the default engine answers one prompt on llama.cpp (xllamacpp's extension module shows as xllamacpp.xllamacpp)
+    assert "Paris" in result.stdout and any(name.startswith("xllamacpp") for name in imported)
     assert not imported & {"torch", "transformers", "langchain_core"}
 
 

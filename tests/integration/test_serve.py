@@ -159,11 +159,12 @@ def test_structured_output_through_response_format(client, model_id):
 
 
 def test_completions_take_a_dolly_instruction(client, model_id):
-    response = client.completions.create(model=model_id, prompt="Name the capital of France.", max_tokens=16,
-                                         temperature=0)
+    # "... Answer in one sentence.": without it, int8 answers differ between CPUs (AVX512-VNNI vs AVX2) and may loop
+    prompt = "What is the capital of France? Answer in one sentence."
+    response = client.completions.create(model=model_id, prompt=prompt, max_tokens=16, temperature=0)
     assert "Paris" in response.choices[0].text and response.usage.completion_tokens <= 16
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=model_id, prompt="Name the capital of France.", max_tokens=16, temperature=0, stream=True))
+        model=model_id, prompt=prompt, max_tokens=16, temperature=0, stream=True))
     assert streamed == response.choices[0].text
 
 
