@@ -58,7 +58,7 @@ _CONVERTER_VERSION = 1
 _ARCHITECTURES = {"llama": "llama", "gpt_neox": "gptneox"}
 
 # Tensors a checkpoint may hold that are not weights (rotary caches, causal masks): skipped.
-_NOT_WEIGHTS = (".inv_freq", ".masked_bias", "attention.bias", ".rotary_emb.inv_freq")
+_NOT_WEIGHTS = (".inv_freq", ".masked_bias", "attention.bias")
 
 
 def import_gguf():

@@ -201,8 +201,6 @@ class LlamaCppEngine(GenerationEngine):
         if options.do_sample:
             request.update(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                            samplers=["penalties", "temperature", "top_k", "top_p"])
-            if options.seed is not None:
-                request["seed"] = options.seed
         else:
             request.update(temperature=0.0, top_k=1, top_p=1.0, samplers=["penalties", "top_k"])
         return request
